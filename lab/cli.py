@@ -1,0 +1,191 @@
+"""The `lab` command: one table from subcommand to function (after litgpt's __main__).
+
+Every subcommand that reads a recipe takes --recipe, --hw and --set "key.sub=value ...".
+A LabError is printed as one line and exits 2; a failed identity check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from lab.errors import LabError
+
+
+def _recipe(args, check_train: bool = False):
+    from lab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, shlex.split(args.set or ""), hw=args.hw, check_train=check_train)
+    print(f"lab: recipe {recipe.name} on {recipe.backend} (sha256 {recipe.sha256()[:12]})", flush=True)
+    return recipe
+
+
+def _port(args):
+    return int(args.port) if getattr(args, "port", None) else None
+
+
+def cmd_fixture(args) -> int:
+    from lab.fixture import ensure_fixture
+
+    print(ensure_fixture(force=args.force))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lab.recipe import load_saved
+    from lab.runs import find_run, new_run, stage
+    from lab.train import train
+
+    if args.resume:
+        run = find_run(args.run)
+        recipe = load_saved(run)
+        print(f"lab: resuming {run.name}")
+    else:
+        recipe = _recipe(args, check_train=True)
+        run = new_run(recipe.name)
+    with stage(run, "train"):
+        train(recipe, run, resume=args.resume)
+    print(f"lab: run directory {run}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lab.merge import merge
+    from lab.runs import find_run, stage
+
+    run = find_run(args.run)
+    with stage(run, "merge"):
+        merge(run)
+    return 0
+
+
+def _model_to_serve(args, recipe) -> str:
+    if args.model:
+        if args.model == "base":
+            from lab.train import resolve_model
+
+            return resolve_model(recipe)
+        return str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().exists() else args.model
+    from lab.runs import find_run
+
+    return str(find_run(args.run) / "merged")
+
+
+def cmd_serve(args) -> int:
+    from lab.runs import RUNS_DIR
+    from lab.serve import start
+
+    recipe = _recipe(args)
+    model = _model_to_serve(args, recipe)
+    print(f"serve: starting vLLM for {model} (log: {RUNS_DIR / 'server.log'})", flush=True)
+    url = start(recipe, model, RUNS_DIR / "server.log", _port(args))
+    print(f"serve: ready at {url}/v1 as model {recipe.serve.served_model_name!r}; `make stop` ends it")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from lab.serve import stop
+
+    stop()
+    return 0
+
+
+def _url(args, recipe) -> str:
+    from lab.serve import base_url, running_url
+
+    return args.base_url or running_url() or base_url(recipe, _port(args))
+
+
+def cmd_ask(args) -> int:
+    from lab.probe import ask
+
+    recipe = _recipe(args)
+    r = ask(_url(args, recipe), args.question, recipe)
+    print(r["answer"])
+    if r["finish_reason"] != "stop":
+        print(f"(finish_reason: {r['finish_reason']})", file=sys.stderr)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from lab.probe import old_identity_of, probe
+
+    recipe = _recipe(args)
+    url = _url(args, recipe)
+    result = probe(url, recipe, old_identity_of(recipe, None))
+    for item in result["identity"] + result["controls"]:
+        mark = "ok " if item.get("hit", item.get("correct")) else "-- "
+        print(f"{mark}{item['q']} -> {item['answer']} [{item['finish_reason']}]")
+    print(json.dumps(result["summary"], ensure_ascii=False))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_e2e(args) -> int:
+    from lab.e2e import e2e
+
+    return 0 if e2e(_recipe(args, check_train=True), _port(args)) else 1
+
+
+def cmd_report(args) -> int:
+    from lab.report import write_report
+    from lab.runs import find_run
+
+    run = find_run(args.run)
+    report = write_report(run, (json.loads((run / "report.json").read_text()).get("verdict")
+                                if (run / "report.json").is_file() else None))
+    print(f"report: {run / 'report.md'} (pass: {report['pass']})")
+    return 0
+
+
+COMMANDS = {
+    "fixture": (cmd_fixture, "build (or find) the embedded tiny chat model"),
+    "train": (cmd_train, "fine-tune with TRL SFTTrainer into runs/<run-id>/"),
+    "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)"),
+    "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health"),
+    "stop": (cmd_stop, "stop the server `serve` started"),
+    "ask": (cmd_ask, "ask the served model one question"),
+    "probe": (cmd_probe, "identity and control questions against a server"),
+    "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
+    "report": (cmd_report, "rewrite a run's report from its artifacts"),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if name in ("train", "serve", "ask", "probe", "e2e"):
+            p.add_argument("--recipe", default="identity-lora", help="recipe name under recipes/ or a path")
+            p.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+            p.add_argument("--set", default="", help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"')
+        if name in ("train", "merge", "serve", "report"):
+            p.add_argument("--run", default=None, help="run directory or name (default: runs/latest)")
+        if name in ("serve", "ask", "probe", "e2e"):
+            p.add_argument("--port", default=None, help="server port (default: the recipe's serve.port)")
+        if name in ("ask", "probe"):
+            p.add_argument("--base-url", default=None, help="any OpenAI-compatible server (default: the lab's)")
+    sub.choices["fixture"].add_argument("--force", action="store_true", help="rebuild even if cached")
+    sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
+    sub.choices["ask"].add_argument("question")
+    sub.choices["probe"].add_argument("--out", default=None, help="also write the full result as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LabError as e:
+        print(f"lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lab {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,62 @@
+"""The whole loop: ask the base model who it is, train, merge, serve the result, ask again.
+
+Each stage is timed into timings.json; servers are always stopped, Ctrl-C included. Returns
+True only if every check of the recipe's thresholds passed.
+"""
+
+from __future__ import annotations
+
+from lab.merge import merge
+from lab.parity import check_parity
+from lab.probe import old_identity_of, probe, verdict
+from lab.recipe import Recipe
+from lab.report import write_report
+from lab.runs import new_run, stage, write_json
+from lab.serve import start, stop
+from lab.train import resolve_model, train
+
+
+def _summary_line(label: str, result: dict) -> str:
+    s = result["summary"]
+    return (f"probe {label}: identity hit {s['identity_hit_rate']:.0%}, leakage {s['leakage_rate']:.0%}, "
+            f"stop {s['stop_rate']:.0%}, controls correct {s['control_correct_rate']:.0%}")
+
+
+def e2e(recipe: Recipe, port: int | None = None) -> bool:
+    run = new_run(recipe.name)
+    print(f"e2e: run directory {run}", flush=True)
+    try:
+        with stage(run, "fixture" if recipe.model.path == "embedded" else "resolve_model"):
+            base = resolve_model(recipe)
+        old = old_identity_of(recipe, base)
+
+        with stage(run, "serve_base"):
+            url = start(recipe, base, run / "server-base.log", port)
+        with stage(run, "probe_before"):
+            before = probe(url, recipe, old)
+        write_json(run / "probe-before.json", before)
+        print(_summary_line("before", before), flush=True)
+        stop(quiet=True)
+
+        with stage(run, "train"):
+            train(recipe, run)
+        with stage(run, "merge"):
+            merged = merge(run)
+
+        with stage(run, "serve_merged"):
+            url = start(recipe, str(merged), run / "server-merged.log", port)
+        with stage(run, "probe_after"):
+            parity = check_parity(url, before["model"], run)
+            after = probe(url, recipe, old)
+        write_json(run / "probe-after.json", after)
+        print(_summary_line("after", after), flush=True)
+    finally:
+        stop(quiet=True)
+
+    checks = verdict(before, after, recipe)
+    report = write_report(run, checks, {"template_parity": parity})
+    for c in checks:
+        print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
+    total = sum(report["timings_s"].values())
+    print(f"e2e: {'PASS' if report['pass'] else 'FAIL'} in {total:.0f} s; report: {run / 'report.md'}")
+    return bool(report["pass"])

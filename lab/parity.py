@@ -1,0 +1,43 @@
+"""Template parity (pitfall 1): the ids training used must be the ids the server renders.
+
+train.py saved, for a few training conversations, the exact token ids TRL trained on. Here
+vLLM's own `/tokenize` renders the same messages with the same chat-template kwargs; any
+difference (another template, an injected system prompt, thinking tags) fails loudly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.runs import read_json
+
+
+def _render(url: str, model: str, messages: list[dict], kwargs: dict, generation_prompt: bool) -> list[int]:
+    import httpx
+
+    body = {"model": model, "messages": messages, "add_generation_prompt": generation_prompt,
+            "chat_template_kwargs": kwargs, "add_special_tokens": False}
+    r = httpx.post(f"{url}/tokenize", json=body, timeout=30.0)
+    if r.status_code != 200:
+        raise LabError(f"{url}/tokenize refused the chat render: HTTP {r.status_code} {r.text[:200]}")
+    return r.json()["tokens"]
+
+
+def check_parity(url: str, model: str, run: Path) -> dict:
+    samples = read_json(run / "parity.json", "make train")
+    for i, s in enumerate(samples):
+        served_prompt = _render(url, model, s["prompt"], s["chat_template_kwargs"], True)
+        if served_prompt != s["prompt_ids"]:
+            raise LabError(f"template drift: training rendered prompt {i} as {len(s['prompt_ids'])} tokens, the server "
+                           f"as {len(served_prompt)}; first difference at token "
+                           f"{_first_diff(served_prompt, s['prompt_ids'])} (check chat_template_kwargs and the template)")
+        served_full = _render(url, model, s["prompt"] + s["completion"], s["chat_template_kwargs"], False)
+        if served_full != s["input_ids"]:
+            raise LabError(f"template drift: conversation {i} differs from the trained ids at token "
+                           f"{_first_diff(served_full, s['input_ids'])}")
+    return {"samples": len(samples), "match": True}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -1,0 +1,289 @@
+"""Recipes: one YAML file per experiment, validated against this schema.
+
+Resolution order (later wins): the recipe's base keys, then its `hw.<backend>` overlay, then
+command-line overrides `key.sub=value`. The `train` section is passed to TRL's `SFTConfig`
+by name, so every key there is an `SFTConfig` field; anything unknown anywhere is an error
+that lists the close matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lab.errors import LabError
+from lab.hardware import BACKENDS, detect_backend
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EMBEDDED = "embedded"  # model.path value meaning "the lab's own tiny model" (lab/fixture.py)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Section):
+    path: str = Field(EMBEDDED, description="local HF model dir, hub id, or 'embedded'")
+    revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="JSON/JSONL/Parquet file (relative to the recipe) or hub dataset id")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = "auto"
+    split: str = "train"
+    # Our field -> their field ("instruction: Question"), or a template built from their fields
+    # ("prompt: '诊断问题：{Question}'"). Templates are Python str.format strings.
+    columns: dict[str, str] = {}
+    system: str | None = Field(None, description="system prompt for rows that carry none")
+    repeat: int = Field(1, ge=1, description="oversample this dataset n times")
+    limit: int | None = Field(None, ge=1, description="use only the first n rows")
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class IdentitySpec(Section):
+    name: str = "Atlas"
+    author: str = "Open Lab"
+
+
+class Thresholds(Section):
+    before_hit_rate_max: float = Field(0.10, ge=0, le=1)
+    after_hit_rate_min: float = Field(0.90, ge=0, le=1)
+    after_leakage_max: float = Field(0.10, ge=0, le=1)
+    stop_rate_min: float = Field(0.90, ge=0, le=1)
+    control_retention_min: float = Field(0.80, ge=0, le=1)
+
+
+class ProbeSpec(Section):
+    questions: str = Field("data/identity-probe.yaml", description="relative to the recipe")
+    max_tokens: int = Field(64, ge=1)
+    seed: int = 0
+    timeout_s: float = Field(120.0, gt=0)
+    # Names the model must no longer claim after training (the base model's own persona is
+    # added from the model directory when it records one).
+    old_identity: list[str] = ["ChatGPT", "OpenAI", "Qwen", "通义千问"]
+    thresholds: Thresholds = Thresholds()
+
+
+class ServeSpec(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str = "lab"
+    config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    model: ModelSpec = ModelSpec()
+    method: Literal["lora", "full"] = "lora"
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    lora: LoraSpec = LoraSpec()
+    train: dict[str, Any] = Field({}, description="TRL SFTConfig fields, passed through by name")
+    # Rendered into the chat template at training and serving time alike (pitfall 1).
+    chat_template_kwargs: dict[str, Any] = {"enable_thinking": False}
+    identity: IdentitySpec = IdentitySpec()
+    probe: ProbeSpec = ProbeSpec()
+    serve: ServeSpec = ServeSpec()
+    seed: int = 42
+    hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _numbers(cls, train: Any) -> Any:
+        if not isinstance(train, dict):
+            return train
+        return {k: _yaml_value(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v for k, v in train.items()}
+
+    # Filled by load_recipe, not by the YAML.
+    source: str = ""
+    backend: str = "cpu"
+
+    def resolve_path(self, relative: str) -> Path:
+        """Paths inside a recipe are relative to the recipe file."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (Path(self.source).parent / p)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+
+    def sha256(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _yaml_value(raw: str) -> Any:
+    """YAML 1.1 reads `1e-4` as a string; every user means the number."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if _FLOAT.fullmatch(value.strip()) else value
+        except ValueError:
+            return value
+    return value
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """`identity-lora`, `identity-lora.yaml` or a path."""
+    for candidate in (Path(name_or_path), RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise LabError(f"recipe {name_or_path!r} not found; shipped recipes: {', '.join(shipped)}")
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """`identity.name=Orion` -> (['identity', 'name'], 'Orion'); values are read as YAML."""
+    parsed = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise LabError(f"override {item!r} is not key.sub=value (e.g. identity.name=Orion)")
+        parsed.append((key.strip().split("."), _yaml_value(raw)))
+    return parsed
+
+
+def _set_path(tree: dict, keys: list[str], value: Any, dotted: str) -> None:
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise LabError(f"override {dotted!r}: {key!r} is not an index of a {len(node)}-item list")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+            continue
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise LabError(f"override {dotted!r}: {key!r} is a value, not a section")
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _close(word: str, choices) -> str:
+    matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def _schema_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section: Any = Recipe
+            for part in e["loc"][:-1]:
+                field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+                ann = getattr(field, "annotation", None)
+                section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            choices = section.model_fields if section else []
+            problems.append(f"unknown key {loc!r}{_close(str(e['loc'][-1]), choices)}")
+        else:
+            problems.append(f"{loc}: {e['msg']}")
+    return problems
+
+
+def sft_config_fields() -> set[str]:
+    from trl import SFTConfig  # heavy import: only when the train section is checked
+
+    return {f.name for f in dataclasses.fields(SFTConfig)}
+
+
+# Keys the lab derives itself; setting them in `train` would silently fight the lab.
+LAB_OWNED_TRAIN_KEYS = {"output_dir", "seed", "resume_from_checkpoint"}
+
+
+def check_train_keys(train: dict[str, Any]) -> list[str]:
+    known = sft_config_fields()
+    problems = []
+    for key in train:
+        if key in LAB_OWNED_TRAIN_KEYS:
+            problems.append(f"train.{key} is set by the lab (use the top-level key or the CLI instead)")
+        elif key not in known:
+            problems.append(f"unknown key 'train.{key}' (not an SFTConfig field){_close(key, known)}")
+    return problems
+
+
+def load_recipe(
+    name_or_path: str,
+    overrides: list[str] | None = None,
+    hw: str = "auto",
+    check_train: bool = True,
+) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise LabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise LabError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+
+    backend = detect_backend() if hw == "auto" else hw
+    if backend not in BACKENDS:
+        raise LabError(f"HW={hw!r} is not one of auto, {', '.join(BACKENDS)}")
+    overlays = raw.get("hw") or {}
+    if not isinstance(overlays, dict):
+        raise LabError(f"{path}: 'hw' must map backends ({', '.join(BACKENDS)}) to overlays")
+    unknown = set(overlays) - set(BACKENDS)
+    if unknown:
+        raise LabError(f"{path}: hw overlay for unknown backend(s) {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+    merged = deep_merge(raw, overlays.get(backend) or {})
+    for keys, value in parse_overrides(overrides or []):
+        _set_path(merged, keys, value, ".".join(keys))
+    merged.update(source=str(path), backend=backend)
+
+    try:
+        recipe = Recipe.model_validate(merged)
+        problems = []
+    except ValidationError as err:
+        recipe, problems = None, _schema_errors(err)
+    if check_train and isinstance(merged.get("train"), dict):
+        problems += check_train_keys(merged["train"])
+    if problems:
+        raise LabError(f"{path.name}: " + "; ".join(problems))
+    return recipe
+
+
+def load_saved(run: Path) -> Recipe:
+    """The resolved recipe a run saved (overlays and overrides already applied)."""
+    path = run / "recipe.yaml"
+    if not path.is_file():
+        raise LabError(f"{path} is missing; `make train` writes it")
+    return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))

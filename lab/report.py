@@ -1,0 +1,86 @@
+"""Report: one function from a run directory's artifacts to report.md, report.json and loss.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lab.runs import write_json
+
+
+def _load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def loss_curve(run: Path) -> list[tuple[int, float]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+
+
+def plot_loss(points: list[tuple[int, float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | None = None) -> dict:
+    before, after = _load(run / "probe-before.json"), _load(run / "probe-after.json")
+    train, timings = _load(run / "train.json"), _load(run / "timings.json") or {}
+    points = loss_curve(run)
+    if points:
+        plot_loss(points, run / "loss.png", f"{run.name}")
+    passed = all(c["pass"] for c in verdict) if verdict else None
+    report = {"run": run.name, "pass": passed, "verdict": verdict, "timings_s": timings, "train": train,
+              "before": before and before["summary"], "after": after and after["summary"],
+              "loss_curve": points, **(extra or {})}
+    write_json(run / "report.json", report)
+
+    md = [f"# Run {run.name}", ""]
+    if verdict:
+        md += [f"**Result: {'PASS' if passed else 'FAIL'}**", "", "| check | value | threshold | pass |", "|---|---|---|---|"]
+        md += [f"| {c['check']} | {c['value']} | {c['op']} {c['threshold']} | {'yes' if c['pass'] else '**no**'} |"
+               for c in verdict]
+        md.append("")
+    if timings:
+        md += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v} |" for k, v in timings.items()] + [f"| total | {round(sum(timings.values()), 1)} |", ""]
+    if train:
+        md += ["## Training", "", f"- base model: `{train['base_model']}` ({train['method']}, {train['dtype']})",
+               f"- {train['examples']} examples, {train['trained_tokens_per_epoch']} trained tokens per epoch, "
+               f"{train['global_steps']} steps in {train['train_runtime_s']} s, final loss {train['final_loss']}", ""]
+    if points:
+        md += ["![loss curve](loss.png)", ""]
+    for name, key in (("Identity questions", "identity"), ("Control questions", "controls")):
+        rows = (after or before or {}).get(key) or []
+        if not rows:
+            continue
+        md += [f"## {name}", "", "| question | before | after | after ok |", "|---|---|---|---|"]
+        before_rows = {r["q"]: r for r in (before or {}).get(key, [])}
+        for r in rows:
+            b = before_rows.get(r["q"], {}).get("answer", "") if after else ""
+            a = r["answer"] if after else ""
+            ok = r.get("hit", r.get("correct"))
+            md.append(f"| {_cell(r['q'])} | {_cell(b or (r['answer'] if not after else ''))} | {_cell(a)} | "
+                      f"{'yes' if ok else 'no'} ({r['finish_reason']}) |")
+        md.append("")
+    for label, probe in (("before", before), ("after", after)):
+        if probe:
+            md.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in probe["summary"].items()))
+    (run / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return report

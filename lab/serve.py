@@ -1,0 +1,156 @@
+"""Serve: a real vLLM OpenAI-compatible server, started, health-checked and stopped by the lab.
+
+vLLM lives in its own virtual environment (it pins other transformers versions than
+training, as the containers will too), so the server is a subprocess of that environment's
+Python. Flags come from serve/<backend>.yaml through vLLM's own `--config`; the lab adds only
+what depends on the run: model path, name, address, chat-template kwargs. The waiting follows
+vLLM's test harness (RemoteOpenAIServer): poll /health, with two distinct failure messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.recipe import Recipe
+from lab import runs
+from lab.runs import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def state_file() -> Path:
+    """Where the running server is recorded, so `make stop` from another shell finds it."""
+    return runs.RUNS_DIR / ".server.json"
+
+
+def serve_python() -> str:
+    python = os.environ.get("LAB_SERVE_PYTHON") or str(ROOT / ".venv" / "serve" / "bin" / "python")
+    if not Path(python).is_file():
+        raise LabError(f"vLLM environment not found at {python}; run `make setup` (or set LAB_SERVE_PYTHON)")
+    return python
+
+
+def serve_config(recipe: Recipe) -> Path:
+    name = recipe.serve.config
+    path = ROOT / "serve" / f"{recipe.backend}.yaml" if name == "auto" else ROOT / Path(name).expanduser()
+    if not path.is_file():
+        raise LabError(f"vLLM config {path} does not exist")
+    return path
+
+
+def serve_env(recipe: Recipe) -> dict[str, str]:
+    """serve/<backend>.env under the caller's environment (the caller wins)."""
+    env = {}
+    path = ROOT / "serve" / f"{recipe.backend}.env"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.lstrip().startswith("#"):
+                env[key.strip()] = value.strip()
+    return {**env, **os.environ}
+
+
+def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None) -> list[str]:
+    s = recipe.serve
+    return [
+        serve_python(), "-m", "vllm.entrypoints.openai.api_server",
+        "--config", str(serve_config(recipe)),
+        "--model", str(model_dir), "--served-model-name", s.served_model_name,
+        "--host", s.host, "--port", str(port or s.port), "--seed", str(recipe.probe.seed),
+        # Same kwargs the training data were rendered with (pitfall 1); requests may still override.
+        "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
+    ]
+
+
+def base_url(recipe: Recipe, port: int | None = None) -> str:
+    return f"http://{recipe.serve.host}:{port or recipe.serve.port}"
+
+
+def healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _tail(log: Path, n: int = 3) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    return " | ".join(lines[-n:])[-600:]
+
+
+def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None) -> str:
+    """Start vLLM in the background and return its base URL once /health answers."""
+    url = base_url(recipe, port)
+    if healthy(url):
+        raise LabError(f"a server already answers at {url}; `make stop` first or pick another PORT")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise LabError(f"{model_dir} is not a model directory (no config.json); `make merge` produces one")
+    argv = serve_argv(recipe, model_dir, port)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        # Own session: `make stop` from another shell can end the whole process group.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
+                                start_new_session=True)
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    write_json(state_file(), {"pid": proc.pid, "url": url, "model": str(model_dir), "log": str(log), "argv": argv})
+    deadline = time.monotonic() + recipe.serve.startup_timeout_s
+    while not healthy(url):
+        if proc.poll() is not None:
+            state_file().unlink(missing_ok=True)
+            raise LabError(f"Server exited unexpectedly (code {proc.returncode}); {log}: {_tail(log)}")
+        if time.monotonic() > deadline:
+            stop()
+            raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
+        time.sleep(1.0)
+    return url
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def stop(quiet: bool = False) -> bool:
+    """Stop the server the lab started (the whole process group); True if one was running."""
+    if not state_file().is_file():
+        if not quiet:
+            print("stop: no lab server is running")
+        return False
+    state = json.loads(state_file().read_text())
+    pid = state["pid"]
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _alive(pid):
+            break
+    state_file().unlink(missing_ok=True)
+    if not quiet:
+        print(f"stop: stopped the server at {state['url']} (pid {pid})")
+    return True
+
+
+def running_url() -> str | None:
+    if state_file().is_file():
+        url = json.loads(state_file().read_text())["url"]
+        if healthy(url):
+            return url
+    return None

