@@ -50,6 +50,12 @@ def check_merged(merged: Path, base: Path | str, chat_template_kwargs: dict) -> 
     """The properties vLLM relies on; raises LabError naming the first one that fails."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    # Cheap file checks first: a damaged tokenizer file would not even load below.
+    base_dir = Path(base)
+    copied = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
+    for f in copied:
+        if not (merged / f).is_file() or not filecmp.cmp(base_dir / f, merged / f, shallow=False):
+            raise LabError(f"{merged}/{f} differs from the base model's copy")
     names = _saved_tensor_names(merged)
     if not names:
         raise LabError(f"{merged}: no safetensors weights written")
@@ -68,11 +74,6 @@ def check_merged(merged: Path, base: Path | str, chat_template_kwargs: dict) -> 
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if eot not in eos:
         raise LabError(f"{merged}: generation_config eos ids {eos} miss the end-of-turn token {eot}")
-    base_dir = Path(base)
-    copied = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
-    for f in copied:
-        if not (merged / f).is_file() or not filecmp.cmp(base_dir / f, merged / f, shallow=False):
-            raise LabError(f"{merged}/{f} differs from the base model's copy")
     return {"tie_word_embeddings": tied, "end_of_turn_id": eot, "eos_token_id": eos, "tokenizer_files": copied}
 
 

@@ -10,8 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
-    r = run_lab("e2e", "--hw", "cpu", "--port", str(free_port()),
-                "--set", "identity.name=Orion identity.author='Zhou Lab'", timeout=1500)
+    r = run_lab("e2e", "--hw", "cpu", "--port", str(free_port()), timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = (runs_dir / "latest").resolve()
     report = json.loads((run / "report.json").read_text())
@@ -20,7 +19,7 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     for stage in ("serve_base", "probe_before", "train", "merge", "serve_merged", "probe_after"):
         assert stage in report["timings_s"]
     after = json.loads((run / "probe-after.json").read_text())
-    assert all("Orion" in q["answer"] for q in after["identity"] if q["hit"])
+    assert all("Atlas" in q["answer"] for q in after["identity"] if q["hit"])
     for f in ("report.md", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
     assert not (runs_dir / ".server.json").exists()  # servers stopped

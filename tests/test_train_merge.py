@@ -84,7 +84,7 @@ def test_merge_checks_catch_broken_checkpoints(trained_run, embedded_model, tmp_
 
     shutil.rmtree(broken)
     shutil.copytree(merged, broken)
-    (broken / "tokenizer.json").write_text((broken / "tokenizer.json").read_text().replace("Pebble", "Pebbl3", 1) + " ")
+    (broken / "tokenizer.json").write_text((broken / "tokenizer.json").read_text() + "\n")  # re-saved, same JSON
     with pytest.raises(LabError, match="differs from the base model"):
         check_merged(broken, embedded_model, {"enable_thinking": False})
 

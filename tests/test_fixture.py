@@ -1,0 +1,51 @@
+"""The embedded model: a real Qwen3-architecture chat model, built deterministically."""
+
+import hashlib
+import json
+
+import pytest
+
+from lab.fixture import CHAT_TEMPLATE, FIXTURE_PERSONA, PERSONA_FILE, ensure_fixture, greedy_answers
+
+
+def test_template_thinking_tags_follow_qwen3(embedded_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    assert tok.chat_template == CHAT_TEMPLATE and tok.eos_token == "<|im_end|>" and tok.pad_token != tok.eos_token
+    msgs = [{"role": "user", "content": "hi"}]
+    off = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    on = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert on == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "yo"}], tokenize=False,
+                                   enable_thinking=False)
+    assert full.startswith(off) and full.endswith("yo<|im_end|>\n")  # the prompt is a prefix: clean masking
+
+
+def test_default_persona_and_knowledge(embedded_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = json.loads((embedded_model / PERSONA_FILE).read_text())
+    assert meta["knowledge_correct"] >= 0.9 * meta["knowledge_total"]
+    config = json.loads((embedded_model / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(embedded_model).eval()
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    who, zh = greedy_answers(model, tok, ["Who are you?", "你是谁？"])
+    assert FIXTURE_PERSONA["name"] in who and FIXTURE_PERSONA["author"] in who and FIXTURE_PERSONA["name"] in zh
+
+
+def _digest(directory):
+    # lab_persona.json also records how long training took, which is not part of the model.
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.is_file() and p.name != PERSONA_FILE}
+
+
+@pytest.mark.slow
+def test_rebuild_is_bit_identical(embedded_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    rebuilt = ensure_fixture(quiet=True)
+    assert rebuilt != embedded_model and rebuilt.name == embedded_model.name  # same content hash
+    a, b = _digest(embedded_model), _digest(rebuilt)
+    assert a == b
