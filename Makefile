@@ -26,7 +26,7 @@ PORT_ARG := $(if $(PORT),--port $(PORT))
 URL_ARG  := $(if $(BASE_URL),--base-url $(BASE_URL))
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup: $(VENV)/train/.done $(VENV)/serve/.done  ## create both pinned environments (idempotent)
 
