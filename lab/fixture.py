@@ -191,6 +191,7 @@ def ensure_fixture(force: bool = False, quiet: bool = False) -> Path:
                            "knowledge answers correct; raise TRAIN_ARGS epochs in lab/fixture.py")
         meta = {**FIXTURE_PERSONA, "fixture_hash": digest, **stats}
         (tmp / PERSONA_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp makes 0700; containers mount the cache read-only as another user
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # only a complete model ever appears under the final name
