@@ -70,27 +70,23 @@ def check_merged(merged: Path, base: Path | str, chat_template_kwargs: dict) -> 
     if not tokenizer.chat_template:
         raise LabError(f"{merged}: no chat template in the merged model")
     eot = end_of_turn_id(tokenizer, chat_template_kwargs)
-    eos = GenerationConfig.from_pretrained(merged).eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = _eos_ids(GenerationConfig.from_pretrained(merged))
     if eot not in eos:
         raise LabError(f"{merged}: generation_config eos ids {eos} miss the end-of-turn token {eot}")
     return {"tie_word_embeddings": tied, "end_of_turn_id": eot, "eos_token_id": eos, "tokenizer_files": copied}
 
 
+def _eos_ids(generation_config) -> list[int]:
+    eos = generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def _write_generation_config(model, out: Path, eot: int) -> None:
     gen = model.generation_config
-    eos = gen.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = _eos_ids(gen)
     if eot not in eos:
         gen.eos_token_id = [eot, *eos]
     gen.save_pretrained(out)
-
-
-def _probe_questions(run: Path, recipe) -> list[str]:
-    import yaml
-
-    probe = yaml.safe_load(recipe.resolve_path(recipe.probe.questions).read_text(encoding="utf-8"))
-    return [q["q"] for q in probe.get("identity", []) + probe.get("controls", [])]
 
 
 def merge(run: Path) -> Path:
@@ -107,6 +103,7 @@ def merge(run: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lab.fixture import greedy_answers
+    from lab.probe import load_questions
     from lab.recipe import load_saved
 
     recipe = load_saved(run)
@@ -116,7 +113,8 @@ def merge(run: Path) -> Path:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), trained).eval()
-        questions = _probe_questions(run, recipe)
+        probe = load_questions(recipe)
+        questions = [q["q"] for q in probe["identity"] + probe["controls"]]
         with_adapter = greedy_answers(model, tokenizer, questions, recipe.probe.max_tokens)
         model = model.merge_and_unload()
     else:
