@@ -112,10 +112,12 @@ def cmd_ask(args) -> int:
 
 def cmd_probe(args) -> int:
     from lab.probe import old_identity_of, probe
+    from lab.train import resolve_model
 
     recipe = _recipe(args)
     url = _url(args, recipe)
-    result = probe(url, recipe, old_identity_of(recipe, None))
+    # Leakage counts the recipe's base model's own persona too (the embedded model records one).
+    result = probe(url, recipe, old_identity_of(recipe, resolve_model(recipe)))
     for item in result["identity"] + result["controls"]:
         mark = "ok " if item.get("hit", item.get("correct")) else "-- "
         print(f"{mark}{item['q']} -> {item['answer']} [{item['finish_reason']}]")
