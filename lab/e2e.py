@@ -1,19 +1,19 @@
 """The whole loop: ask the base model who it is, train, merge, serve the result, ask again.
 
 Each stage is timed into timings.json; servers are always stopped, Ctrl-C included. Returns
-True only if every check of the recipe's thresholds passed.
+True only if every check of the recipe's thresholds passed. The runtime (lab/runtime.py) says
+where training and serving run, here or in containers; the probing always happens here.
 """
 
 from __future__ import annotations
 
-from lab.merge import merge
 from lab.parity import check_parity
 from lab.probe import old_identity_of, probe, verdict
 from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
-from lab.serve import start, stop
-from lab.train import resolve_model, train
+from lab.runtime import Local
+from lab.serve import stop
 
 
 def _summary_line(label: str, result: dict) -> str:
@@ -22,16 +22,17 @@ def _summary_line(label: str, result: dict) -> str:
             f"stop {s['stop_rate']:.0%}, controls correct {s['control_correct_rate']:.0%}")
 
 
-def e2e(recipe: Recipe, port: int | None = None) -> bool:
+def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
+    runtime = runtime or Local()
     run = new_run(recipe.name)
-    print(f"e2e: run directory {run}", flush=True)
+    print(f"e2e: run directory {run} (runtime: {runtime.name})", flush=True)
     try:
         with stage(run, "fixture" if recipe.model.path == "embedded" else "resolve_model"):
-            base = resolve_model(recipe)
-        old = old_identity_of(recipe, base)
+            base = runtime.base_model(recipe)
+        old = old_identity_of(recipe, str(runtime.host_path(base)))
 
         with stage(run, "serve_base"):
-            url = start(recipe, base, run / "server-base.log", port)
+            url = runtime.start(recipe, base, run / "server-base.log", port)
         with stage(run, "probe_before"):
             before = probe(url, recipe, old)
         write_json(run / "probe-before.json", before)
@@ -39,12 +40,12 @@ def e2e(recipe: Recipe, port: int | None = None) -> bool:
         stop(quiet=True)
 
         with stage(run, "train"):
-            train(recipe, run)
+            runtime.train(recipe, run)
         with stage(run, "merge"):
-            merged = merge(run)
+            merged = runtime.merge(run)
 
         with stage(run, "serve_merged"):
-            url = start(recipe, str(merged), run / "server-merged.log", port)
+            url = runtime.start(recipe, runtime.served_path(merged), run / "server-merged.log", port)
         with stage(run, "probe_after"):
             parity = check_parity(url, before["model"], run)
             after = probe(url, recipe, old)
@@ -54,7 +55,7 @@ def e2e(recipe: Recipe, port: int | None = None) -> bool:
         stop(quiet=True)
 
     checks = verdict(before, after, recipe)
-    report = write_report(run, checks, {"template_parity": parity})
+    report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
     total = sum(report["timings_s"].values())

@@ -17,11 +17,15 @@ DEFAULTS: dict[str, dict] = {
 
 
 def detect_backend() -> str:
-    """HW=auto: what torch can see. ROCm builds of torch report through torch.cuda too."""
+    """HW=auto: what torch can see (ROCm builds report through torch.cuda too); without torch
+    (a host that trains in containers), what the host's drivers expose."""
     try:
         import torch
     except ImportError:
-        return "cpu"
+        import os
+        import shutil
+
+        return "cuda" if shutil.which("nvidia-smi") else "rocm" if os.path.exists("/dev/kfd") else "cpu"
     if torch.cuda.is_available():
         return "rocm" if getattr(torch.version, "hip", None) else "cuda"
     return "cpu"

@@ -26,12 +26,27 @@ def new_run(recipe_name: str) -> Path:
         n += 1
         run = RUNS_DIR / f"{stamp}-{recipe_name}-{n}"
     run.mkdir(parents=True)
+    _point_latest(run)
+    return run
+
+
+def run_dir(ref: str) -> Path:
+    """A run to train into, named by the caller (the docker runtime names the run it created)."""
+    run = Path(ref) if "/" in ref else RUNS_DIR / ref
+    if (run / "adapter").exists() or (run / "model").exists():
+        raise LabError(f"run {run} is already trained; use RESUME=1 to continue it, or a new run")
+    run.mkdir(parents=True, exist_ok=True)
+    if run.resolve().parent == RUNS_DIR.resolve():
+        _point_latest(run)
+    return run
+
+
+def _point_latest(run: Path) -> None:
     latest = RUNS_DIR / "latest"
     tmp = RUNS_DIR / f".latest-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run.name)
     tmp.replace(latest)  # atomic: `latest` never dangles half-updated
-    return run
 
 
 def find_run(ref: str | None = None) -> Path:

@@ -45,15 +45,11 @@ def serve_config(recipe: Recipe) -> Path:
 
 
 def serve_env(recipe: Recipe) -> dict[str, str]:
-    """serve/<backend>.env under the caller's environment (the caller wins)."""
-    env = {}
+    """serve/<backend>.env (the serve containers' env_file too) under the caller's environment."""
+    from lab.containers import read_env_file
+
     path = ROOT / "serve" / f"{recipe.backend}.env"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not line.lstrip().startswith("#"):
-                env[key.strip()] = value.strip()
-    return {**env, **os.environ}
+    return {**(read_env_file(path) if path.is_file() else {}), **os.environ}
 
 
 def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None) -> list[str]:
@@ -86,28 +82,46 @@ def _tail(log: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-600:]
 
 
+def check_free(url: str) -> None:
+    if healthy(url):
+        raise LabError(f"a server already answers at {url}; `make stop` first or pick another PORT")
+
+
+def check_model_dir(model_dir: Path | str) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise LabError(f"{model_dir} is not a model directory (no config.json); `make merge` produces one")
+
+
 def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None) -> str:
     """Start vLLM in the background and return its base URL once /health answers."""
     url = base_url(recipe, port)
-    if healthy(url):
-        raise LabError(f"a server already answers at {url}; `make stop` first or pick another PORT")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise LabError(f"{model_dir} is not a model directory (no config.json); `make merge` produces one")
+    check_free(url)
+    check_model_dir(model_dir)
     argv = serve_argv(recipe, model_dir, port)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         # Own session: `make stop` from another shell can end the whole process group.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
                                 start_new_session=True)
+    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(model_dir), "argv": argv},
+                        failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
+
+
+def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> str:
+    """Record the server (pid or container) for `make stop`, then poll /health until it answers.
+
+    `failed()` returns None while the server may still come up, else what went wrong.
+    """
     state_file().parent.mkdir(parents=True, exist_ok=True)
-    write_json(state_file(), {"pid": proc.pid, "url": url, "model": str(model_dir), "log": str(log), "argv": argv})
+    write_json(state_file(), {"url": url, "log": str(log), **record})
     deadline = time.monotonic() + recipe.serve.startup_timeout_s
     while not healthy(url):
-        if proc.poll() is not None:
-            state_file().unlink(missing_ok=True)
-            raise LabError(f"Server exited unexpectedly (code {proc.returncode}); {log}: {_tail(log)}")
+        problem = failed()
+        if problem:
+            stop(quiet=True)
+            raise LabError(f"Server {problem}; {log}: {_tail(log)}")
         if time.monotonic() > deadline:
-            stop()
+            stop(quiet=True)
             raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
         time.sleep(1.0)
     return url
@@ -125,27 +139,37 @@ def _alive(pid: int) -> bool:
 
 
 def stop(quiet: bool = False) -> bool:
-    """Stop the server the lab started (the whole process group); True if one was running."""
+    """Stop the server the lab started (its process group, or its container); True if one was."""
     if not state_file().is_file():
         if not quiet:
             print("stop: no lab server is running")
         return False
     state = json.loads(state_file().read_text())
-    pid = state["pid"]
+    if "container" in state:
+        from lab.containers import remove_id
+
+        remove_id(state["container"])
+        what = f"container {state['container'][:12]}"
+    else:
+        _stop_process_group(state["pid"])
+        what = f"pid {state['pid']}"
+    state_file().unlink(missing_ok=True)
+    if not quiet:
+        print(f"stop: stopped the server at {state['url']} ({what})")
+    return True
+
+
+def _stop_process_group(pid: int) -> None:
     for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            break
+            return
         deadline = time.monotonic() + wait
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if not _alive(pid):
-            break
-    state_file().unlink(missing_ok=True)
-    if not quiet:
-        print(f"stop: stopped the server at {state['url']} (pid {pid})")
-    return True
+            return
 
 
 def running_url() -> str | None:

@@ -9,6 +9,7 @@ need nothing else.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lab.errors import LabError
@@ -66,6 +67,9 @@ def parity_sample(trainer, examples: list[dict]) -> list[dict]:
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     from lab.data import build_examples, to_dataset, write_examples
+
+    for key, value in HW_DEFAULTS[recipe.backend]["env"].items():  # before torch initialises the device
+        os.environ.setdefault(key, value)
 
     examples, sources = build_examples(recipe)
     write_examples(examples, run / "data" / "train.jsonl")

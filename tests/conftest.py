@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Tests pick their runtime explicitly: an engine on the machine must not move the CPU tests into containers.
+os.environ["LAB_RUNTIME"] = "local"
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,12 @@ def test_ask_without_a_server_says_how_to_start_one(runs_dir):
     assert r.returncode == 2 and "make serve" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_training_into_a_trained_run_is_refused(runs_dir):
+    (runs_dir / "done" / "adapter").mkdir(parents=True)
+    r = run_lab("train", "--hw", "cpu", "--run", "done", timeout=120)
+    assert r.returncode == 2 and "is already trained; use RESUME=1" in r.stderr
+
+
 def test_stop_without_server_is_fine(runs_dir):
     r = run_lab("stop", timeout=60)
     assert r.returncode == 0 and "no lab server" in r.stdout
@@ -38,5 +44,5 @@ def test_stop_without_server_is_fine(runs_dir):
 
 def test_help_lists_every_stage():
     r = run_lab("--help", timeout=60)
-    for cmd in ("fixture", "train", "merge", "serve", "stop", "ask", "probe", "e2e", "report"):
+    for cmd in ("fixture", "train", "merge", "serve", "stop", "ask", "probe", "e2e", "report", "resolve", "images"):
         assert cmd in r.stdout

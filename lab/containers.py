@@ -1,0 +1,365 @@
+"""Containers: compose.yaml's services, built and run through the Docker SDK (RUNTIME=docker).
+
+compose.yaml is the one description of the images and services, and users can run it by hand
+with `docker compose`. The lab reads the same file (PyYAML resolves its anchors and `<<`
+merges; `interpolate` implements compose's documented `${VAR}`, `${VAR:-default}`,
+`${VAR-default}`, `${VAR:?error}` and `$$`) and maps each service onto the SDK's build and run
+calls. We map rather than shell out to `docker compose` because the lab must wait for health,
+stream logs and clean up on Ctrl-C through the engine's API, not by parsing CLI output; a test
+checks our reading against `docker compose config` for every profile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import yaml
+
+from lab.errors import LabError
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "compose.yaml"
+LABEL = "org.lab.service"  # every container the lab starts carries it (cleanup finds them)
+
+# The compose keys this module maps onto the SDK; anything else in compose.yaml is an error,
+# so the file and the runtime cannot drift apart silently.
+MAPPED_KEYS = {"profiles", "image", "build", "entrypoint", "command", "user", "environment", "env_file",
+               "volumes", "ports", "healthcheck", "devices", "group_add", "security_opt", "ipc", "shm_size",
+               "deploy"}
+
+_VAR = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """compose's variable substitution, applied to every string in a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m["dollar"]:
+            return "$"
+        name = m["name"] or m["bare"]
+        have = env.get(name)
+        op, arg = m["op"], m["arg"] or ""
+        if op in (":-", ":?") and not have or op in ("-", "?") and have is None:
+            if op.endswith("?"):
+                raise LabError(f"compose.yaml: {name} must be set ({arg or 'required'})")
+            return arg
+        return have or ""
+
+    return _VAR.sub(sub, value)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (compose's env_file and serve/<backend>.env share this format)."""
+    env = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            env[key.strip()] = value.strip()
+    return env
+
+
+def services(env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Every service of compose.yaml, interpolated with the environment (and .env, as compose does)."""
+    dotenv = ROOT / ".env"
+    env = {**(read_env_file(dotenv) if dotenv.is_file() else {}), **os.environ, **(env or {})}
+    try:
+        raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LabError(f"{COMPOSE_FILE}: cannot read it ({e})") from None
+    out = interpolate(raw.get("services") or {}, env)
+    for name, svc in out.items():
+        unknown = set(svc) - MAPPED_KEYS
+        if unknown:
+            raise LabError(f"compose.yaml: service {name} uses {sorted(unknown)}, which lab/containers.py does not "
+                           "map onto the Docker SDK; add the mapping there")
+    return out
+
+
+def service(name: str, env: dict[str, str] | None = None) -> dict:
+    all_services = services(env)
+    if name not in all_services:
+        raise LabError(f"compose.yaml has no service {name!r}; services: {', '.join(all_services)}")
+    return {"name": name, **all_services[name]}
+
+
+def _duration_ns(text: str | int) -> int:
+    """compose durations ('5s', '1m30s', '15m') in nanoseconds, as the Engine API wants them."""
+    if isinstance(text, int):
+        return text * 10**9
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(text))
+    if not parts or "".join(n + u for n, u in parts) != str(text):
+        raise LabError(f"compose.yaml: {text!r} is not a duration like 5s or 15m")
+    return int(sum(float(n) * units[u] for n, u in parts) * 10**9)
+
+
+def binds(svc: dict) -> list[tuple[Path, str, str]]:
+    """(host path, container path, mode) for each bind mount; relative host paths start at the repo."""
+    out = []
+    for spec in svc.get("volumes") or []:
+        host, container, *mode = spec.split(":")
+        out.append(((ROOT / host).resolve() if not os.path.isabs(host) else Path(host), container,
+                    mode[0] if mode else "rw"))
+    return out
+
+
+def to_container(svc: dict, host_path: Path | str) -> str:
+    """Where a host file appears inside the service's container (it must be under a mount)."""
+    host_path = Path(host_path).resolve()
+    for host, container, _ in binds(svc):
+        if host_path == host or host in host_path.parents:
+            return str(Path(container) / host_path.relative_to(host))
+    mounts = ", ".join(str(h) for h, _, _ in binds(svc))
+    raise LabError(f"{host_path} is not visible in the {svc['name']} container (mounted: {mounts}); "
+                   "put it under one of those directories")
+
+
+def to_host(svc: dict, container_path: str) -> Path:
+    for host, container, _ in binds(svc):
+        if container_path == container or container_path.startswith(container.rstrip("/") + "/"):
+            return host / os.path.relpath(container_path, container)
+    raise LabError(f"{container_path} is inside the {svc['name']} container only")
+
+
+def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None = None) -> dict:
+    """One compose service as keyword arguments of the SDK's containers.create/run."""
+    import docker
+
+    env = {}
+    for path in ([svc["env_file"]] if isinstance(svc.get("env_file"), str) else svc.get("env_file") or []):
+        env.update(read_env_file(ROOT / path))
+    environment = svc.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.partition("=")[::2] if "=" in item else (item, None) for item in environment)
+    for key, value in environment.items():
+        if value is None:  # compose: pass the host's value through, if it has one
+            if key in os.environ:
+                env[key] = os.environ[key]
+        else:
+            env[key] = str(value)
+
+    kw = {
+        "image": svc["image"],
+        "command": command if command is not None else svc.get("command"),
+        "environment": env,
+        "volumes": {str(host): {"bind": container, "mode": mode} for host, container, mode in binds(svc)},
+        "labels": {LABEL: svc["name"]},
+    }
+    if svc.get("entrypoint"):
+        kw["entrypoint"] = svc["entrypoint"]
+    if svc.get("user"):
+        kw["user"] = svc["user"]
+    if svc.get("devices"):
+        kw["devices"] = [d if ":" in d else f"{d}:{d}:rwm" for d in svc["devices"]]
+    if svc.get("group_add"):
+        kw["group_add"] = [str(g) for g in svc["group_add"]]
+    if svc.get("security_opt"):
+        kw["security_opt"] = list(svc["security_opt"])
+    if svc.get("ipc"):
+        kw["ipc_mode"] = svc["ipc"]
+    if svc.get("shm_size"):
+        kw["shm_size"] = str(svc["shm_size"])
+    gpus = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    if gpus:
+        kw["device_requests"] = [
+            docker.types.DeviceRequest(driver=d.get("driver", ""), count=-1 if d.get("count") == "all" else int(d.get("count", -1)),
+                                       device_ids=d.get("device_ids"), capabilities=[list(d.get("capabilities") or [])])
+            for d in gpus]
+    check = svc.get("healthcheck")
+    if check:
+        kw["healthcheck"] = {"test": check["test"], "interval": _duration_ns(check.get("interval", "30s")),
+                             "timeout": _duration_ns(check.get("timeout", "30s")), "retries": int(check.get("retries", 3)),
+                             "start_period": _duration_ns(check.get("start_period", "0s"))}
+    if network:
+        kw["network_mode"] = network
+    if svc.get("ports") and network != "host":  # host networking publishes nothing: the port is the host's
+        ports = {}
+        for spec in svc["ports"]:
+            *ip, host_port, container_port = str(spec).split(":")
+            ports[f"{container_port}/tcp"] = (ip[0], int(host_port)) if ip else int(host_port)
+        kw["ports"] = ports
+    return kw
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+def client(timeout: int = 600):
+    try:
+        import docker
+    except ImportError:
+        raise LabError("RUNTIME=docker needs the Docker SDK for Python (`pip install docker`, in requirements/harness.txt)") from None
+    try:
+        c = docker.from_env(timeout=timeout)
+        c.ping()
+        return c
+    except docker.errors.DockerException as e:
+        raise LabError(f"no Docker engine answers ({str(e).splitlines()[0][:200]}); start it, or use RUNTIME=local") from None
+
+
+def engine_available() -> bool:
+    try:
+        client(timeout=5)
+        return True
+    except LabError:
+        return False
+
+
+def network() -> str | None:
+    """LAB_DOCKER_NETWORK=host for engines without a bridge network (our CI); default: Docker's."""
+    return os.environ.get("LAB_DOCKER_NETWORK") or None
+
+
+def prepare_context(wheels: str | None = None, ca_bundle: str | None = None) -> None:
+    """The two build options that travel in the context: a wheelhouse and extra CA certificates."""
+    if wheels:
+        src = Path(wheels).expanduser()
+        found = sorted(src.glob("*.whl")) if src.is_dir() else []
+        if not found:
+            raise LabError(f"WHEELS={wheels}: no *.whl files there")
+        for whl in found:
+            dst = ROOT / "docker" / "wheels" / whl.name
+            if not dst.exists():
+                try:
+                    os.link(whl, dst)  # same filesystem: no copy
+                except OSError:
+                    shutil.copy2(whl, dst)
+    if ca_bundle:
+        src = Path(ca_bundle).expanduser()
+        if not src.is_file() or b"BEGIN CERTIFICATE" not in src.read_bytes():
+            raise LabError(f"CA_BUNDLE={ca_bundle}: not a PEM certificate file")
+        shutil.copyfile(src, ROOT / "docker" / "certs" / "extra-ca.crt")
+
+
+def build(svc: dict, log: Path, nocache: bool = False) -> str:
+    """Build the service's image as compose would; progress to stdout, everything to `log`."""
+    import docker
+
+    spec = svc.get("build") or {}
+    if not spec:
+        raise LabError(f"service {svc['name']} has no build section")
+    api = client().api
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"images: building {svc['image']} ({spec.get('dockerfile')}; log: {log})", flush=True)
+    last = ""
+    with log.open("w", encoding="utf-8") as out:
+        try:
+            for chunk in api.build(path=str(ROOT / spec.get("context", ".")), dockerfile=spec.get("dockerfile"),
+                                   tag=svc["image"], buildargs={k: str(v) for k, v in (spec.get("args") or {}).items()},
+                                   network_mode=network(), rm=True, forcerm=True, pull=False, nocache=nocache,
+                                   decode=True):
+                if "error" in chunk:
+                    out.write(chunk["error"] + "\n")
+                    raise LabError(f"building {svc['image']} failed: {chunk['error'].strip()[-300:]} (log: {log})")
+                text = chunk.get("stream", "")
+                out.write(text)
+                out.flush()
+                if text.startswith("Step "):
+                    print(f"  {text.strip()[:160]}", flush=True)
+                elif text.strip():
+                    last = text.strip()
+        except docker.errors.APIError as e:
+            raise LabError(f"building {svc['image']}: the engine refused ({e.explanation or e}); log: {log}") from None
+    image = api.inspect_image(svc["image"])
+    print(f"images: {svc['image']} {image['Id'][7:19]} {image['Size'] / 2**30:.2f} GiB ({last[:80]})", flush=True)
+    return image["Id"]
+
+
+def ensure_image(svc: dict, log: Path) -> None:
+    import docker
+
+    try:
+        client().images.get(svc["image"])
+    except docker.errors.ImageNotFound:
+        build(svc, log)
+
+
+def _pump_logs(container, log: Path, echo: bool) -> threading.Thread:
+    """Copy the container's output into `log` (and stdout) until it exits."""
+
+    def pump():
+        with log.open("ab") as out:
+            for chunk in container.logs(stream=True, follow=True):
+                out.write(chunk)
+                out.flush()
+                if echo:
+                    os.write(1, chunk)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def tail(container, n: int = 5) -> str:
+    lines = [ln for ln in container.logs(tail=200).decode(errors="replace").splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-600:]
+
+
+def run(svc: dict, command: list[str], log: Path) -> int:
+    """Run one command in a fresh container of the service, echoing its output; always removed."""
+    kw = run_kwargs(svc, command, network())
+    container = client().containers.create(**kw)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        container.start()
+        pump = _pump_logs(container, log, echo=True)
+        code = container.wait()["StatusCode"]
+        pump.join(timeout=10)
+        return code
+    finally:  # Ctrl-C included
+        remove(container)
+
+
+def start(svc: dict, log: Path):
+    """Start the service detached (a server); the caller waits for health and stops it."""
+    container = client().containers.create(**run_kwargs(svc, None, network()))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    container.start()
+    _pump_logs(container, log, echo=False)
+    return container
+
+
+def state(container_id: str) -> dict:
+    """The container's state (Status, ExitCode, Health) or {} if it is gone."""
+    import docker
+
+    try:
+        return client().api.inspect_container(container_id)["State"]
+    except docker.errors.NotFound:
+        return {}
+
+
+def remove(container, timeout: int = 30) -> None:
+    import docker
+
+    try:
+        container.stop(timeout=timeout)
+    except docker.errors.APIError:
+        pass
+    try:
+        container.remove(force=True)
+    except docker.errors.APIError:
+        pass
+
+
+def remove_id(container_id: str, timeout: int = 30) -> bool:
+    import docker
+
+    try:
+        container = client().containers.get(container_id)
+    except docker.errors.NotFound:
+        return False
+    remove(container, timeout)
+    return True

@@ -1,0 +1,168 @@
+"""Where the stages run: here (RUNTIME=local) or in the lab's containers (RUNTIME=docker).
+
+Both runtimes offer the same five operations, so the CLI and the e2e loop do not care which
+one they have: resolve the base model, train, merge, start a server, and translate paths.
+The docker runtime runs the very same `lab` subcommands inside the training image and vLLM
+inside the serving image, over shared mounts of runs/ and the cache, so outputs land under
+runs/ either way. The probe and the report always run here: they are the client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from lab import runs
+from lab.errors import LabError
+from lab.recipe import Recipe
+
+RUNTIMES = ("auto", "local", "docker")
+CONTAINER_UID = 1000  # the images' default user (docker/*.Dockerfile, LAB_UID)
+
+
+class Local:
+    name = "local"
+
+    def base_model(self, recipe: Recipe, model: str | None = None) -> str:
+        from lab.train import resolve_model
+
+        return resolve_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": model})})
+                             if model else recipe)
+
+    def train(self, recipe: Recipe, run: Path, resume: bool = False) -> None:
+        from lab.train import train
+
+        train(recipe, run, resume=resume)
+
+    def merge(self, run: Path) -> Path:
+        from lab.merge import merge
+
+        return merge(run)
+
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None) -> str:
+        from lab.serve import start
+
+        return start(recipe, model, log, port)
+
+    def served_path(self, host_path: Path) -> str:
+        return str(host_path)
+
+    def host_path(self, path: str) -> Path:
+        return Path(path)
+
+
+class Docker:
+    """Stages in containers of compose.yaml's `train-<hw>` and `serve-<hw>` services."""
+
+    name = "docker"
+
+    def __init__(self, backend: str, recipe_argv: list[str]):
+        from lab import containers
+
+        self.c = containers
+        self.backend = backend
+        self.recipe_argv = recipe_argv
+        self.cache_dir = Path(os.environ.get("LAB_CACHE_DIR") or containers.ROOT / ".cache").resolve()
+        containers.client()  # fail now, in one line, if no engine answers
+
+    def env(self, **extra: str) -> dict[str, str]:
+        uid, gid = os.getuid(), os.getgid()
+        if uid == 0:  # root on the host: containers still run as the image's non-root user
+            uid = gid = CONTAINER_UID
+        env = {"LAB_RUNS_DIR": str(runs.RUNS_DIR.resolve()), "LAB_CACHE_DIR": str(self.cache_dir),
+               "LAB_UID": str(uid), "LAB_GID": str(gid)}
+        if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
+            env["LAB_RENDER_GID"] = str(Path("/dev/kfd").stat().st_gid)
+        return {**env, **extra}
+
+    def service(self, role: str, **extra: str) -> dict:
+        svc = self.c.service(f"{role}-{self.backend}", self.env(**extra))
+        self.c.ensure_image(svc, runs.RUNS_DIR / ".images" / f"{svc['name']}.log")
+        return svc
+
+    def _writable(self, *dirs: Path) -> None:
+        """Directories the containers write into; as root we hand them to the image's user."""
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.getuid() == 0:
+                os.chown(d, CONTAINER_UID, CONTAINER_UID)
+
+    def lab(self, *argv: str, log: Path) -> None:
+        """`python -m lab ARGV` in the training container."""
+        self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab", self.cache_dir / "huggingface")
+        svc = self.service("train")
+        print(f"docker: {svc['image']}: lab {' '.join(argv)}", flush=True)
+        code = self.c.run(svc, list(argv), log)
+        if code != 0:
+            raise LabError(f"`lab {argv[0]}` in the {svc['image']} container exited with {code} (log: {log})")
+
+    def base_model(self, recipe: Recipe, model: str | None = None) -> str:
+        out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
+        svc = self.c.service(f"train-{self.backend}", self.env())
+        argv = [*self.recipe_argv, *(["--set", f"model.path={model}"] if model else [])]
+        try:
+            self.lab("resolve", *argv, "--out", self.c.to_container(svc, out), log=runs.RUNS_DIR / "resolve.log")
+            return json.loads(out.read_text())["model"]
+        finally:
+            out.unlink(missing_ok=True)
+
+    def train(self, recipe: Recipe, run: Path, resume: bool = False) -> None:
+        self._writable(run)
+        svc = self.c.service(f"train-{self.backend}", self.env())
+        self.lab("train", *self.recipe_argv, "--run", self.c.to_container(svc, run), *(["--resume"] if resume else []),
+                 log=run / "train.log")
+
+    def merge(self, run: Path) -> Path:
+        svc = self.c.service(f"train-{self.backend}", self.env())
+        self.lab("merge", "--run", self.c.to_container(svc, run), log=run / "merge.log")
+        return run / "merged"
+
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None) -> str:
+        from lab.serve import check_free, check_model_dir, wait_healthy
+
+        port = port or recipe.serve.port
+        url = f"http://127.0.0.1:{port}"
+        check_free(url)
+        check_model_dir(self.host_path(model))
+        host_network = self.c.network() == "host"
+        svc = self.service("serve", LAB_MODEL=model, LAB_PORT=str(port),
+                           LAB_SERVED_MODEL_NAME=recipe.serve.served_model_name,
+                           LAB_CHAT_TEMPLATE_KWARGS=json.dumps(recipe.chat_template_kwargs),
+                           LAB_SEED=str(recipe.probe.seed),
+                           # sharing the host's network, listen on loopback only, as the local runtime does
+                           LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
+        container = self.c.start(svc, log)
+        print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
+        return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"], "model": model},
+                            failed=lambda: self._failed(container.id))
+
+    def _failed(self, container_id: str) -> str | None:
+        """The engine's view: the container exited, or its compose health check gave up."""
+        st = self.c.state(container_id)
+        if not st:
+            return "container disappeared"
+        if not st.get("Running"):
+            return f"container exited unexpectedly (code {st.get('ExitCode')})"
+        if (st.get("Health") or {}).get("Status") == "unhealthy":
+            return "container is unhealthy (its /health check failed)"
+        return None
+
+    def served_path(self, host_path: Path) -> str:
+        return self.c.to_container(self.c.service(f"serve-{self.backend}", self.env()), host_path)
+
+    def host_path(self, path: str) -> Path:
+        return self.c.to_host(self.c.service(f"serve-{self.backend}", self.env()), path)
+
+
+def choose(name: str, backend: str, recipe_argv: list[str]):
+    """RUNTIME=auto: docker when an engine answers, else local."""
+    name = name or os.environ.get("LAB_RUNTIME") or "auto"
+    if name not in RUNTIMES:
+        raise LabError(f"RUNTIME={name!r} is not one of {', '.join(RUNTIMES)}")
+    if name == "auto":
+        from lab.containers import engine_available
+
+        name = "docker" if engine_available() else "local"
+    return Docker(backend, recipe_argv) if name == "docker" else Local()

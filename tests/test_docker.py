@@ -1,0 +1,69 @@
+"""The CPU images, built and run for real through a Docker engine: the whole before/after loop
+with training and serving in containers (`make e2e HW=cpu RUNTIME=docker`).
+
+Needs an engine. Without one the tests skip, except under CI (CI=true), where .ci/run starts
+one and a skip would hide a broken setup, so they fail instead.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, free_port
+
+from lab import containers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not containers.engine_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI=true but no Docker engine answers (.ci/run starts one)")
+        pytest.skip("no Docker engine answers here")
+    return containers.client()
+
+
+@pytest.fixture(scope="module")
+def images(engine):
+    """The CPU images, built from compose.yaml if missing (.ci/run builds them first, timed)."""
+    for name in ("train-cpu", "serve-cpu"):
+        svc = containers.service(name)
+        containers.ensure_image(svc, ROOT / "runs" / ".images" / f"{name}.log")
+    return engine
+
+
+def test_images_run_as_their_non_root_user(images):
+    for image in ("lab-train:cpu", "lab-serve:cpu"):
+        out = images.containers.run(image, entrypoint=["id", "-u"], remove=True, network_mode="none")
+        assert out.decode().strip() == "1000", image
+    help_text = images.containers.run("lab-train:cpu", remove=True, network_mode="none").decode()
+    assert "fine-tune with TRL SFTTrainer" in help_text  # the lab CLI is the entrypoint
+    env = images.images.get("lab-serve:cpu").attrs["Config"]["Env"]
+    assert "LAB_SERVE_CONFIG=/opt/lab/app/serve/cpu.yaml" in env
+
+
+def test_e2e_in_containers(images, tmp_path):
+    """Base model probed in the serve container, trained and merged in the train container,
+    merged model served and probed again: the same outputs under runs/ as the local runtime."""
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "LAB_RUNS": str(runs_dir)}
+    env.pop("LAB_RUNTIME", None)  # the Makefile's RUNTIME decides
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=docker", f"PORT={free_port()}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=2400)
+    print(r.stdout[-6000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runtime docker" in r.stdout and "e2e: PASS" in r.stdout
+    run = (runs_dir / "latest").resolve()
+    report = json.loads((run / "report.json").read_text())
+    assert report["pass"] is True and report["runtime"] == "docker"
+    assert report["after"]["identity_hit_rate"] >= 0.9
+    for name in ("adapter", "merged", "train.json", "parity.json", "probe-before.json", "probe-after.json",
+                 "server-base.log", "server-merged.log", "train.log", "report.md"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "train.json").read_text())["base_model"].startswith("/cache/lab/fixture-")
+    # nothing left running
+    assert not images.containers.list(all=True, filters={"label": containers.LABEL})
