@@ -94,7 +94,7 @@ report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report $(RUN_ARG)
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
-	$(TRAIN_PY) -m pytest -ra tests
+	$(TRAIN_PY) -m pytest -ra --durations=12 tests
 
 test-fast: $(VENV)/train/.done  ## unit tests only
 	$(TRAIN_PY) -m pytest -ra -m "not slow" tests

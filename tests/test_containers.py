@@ -3,6 +3,7 @@ hardware's services get, and that the images install from the same pins as `make
 (Building and running the CPU images for real is tests/test_docker.py.)"""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,7 +46,7 @@ def test_lab_reads_compose_as_docker_compose_does(hw, tmp_path):
     env = {"LAB_PORT": "8123", "LAB_RUNS_DIR": str(tmp_path), "LAB_CHAT_TEMPLATE_KWARGS": '{"enable_thinking": false}'}
     out = subprocess.run([str(BIN / "docker-compose"), "-f", str(ROOT / "compose.yaml"), "--profile", hw,
                           "config", "--format", "json"], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", **env})
+                         env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     theirs = json.loads(out.stdout)["services"]
     assert set(theirs) == {f"train-{hw}", f"serve-{hw}"}
