@@ -221,6 +221,25 @@ def network() -> str | None:
     return os.environ.get("LAB_DOCKER_NETWORK") or None
 
 
+PROJECT_NETWORK = "lab_default"  # the network `docker compose` makes for this project (name: lab)
+
+
+def run_network() -> str:
+    """Where the lab's containers run: LAB_DOCKER_NETWORK, else compose's project network, made
+    with compose's labels if missing, so `docker compose` and the lab share it."""
+    import docker
+
+    if network():
+        return network()
+    c = client()
+    try:
+        c.networks.get(PROJECT_NETWORK)
+    except docker.errors.NotFound:
+        c.networks.create(PROJECT_NETWORK, driver="bridge",
+                          labels={"com.docker.compose.project": "lab", "com.docker.compose.network": "default"})
+    return PROJECT_NETWORK
+
+
 def prepare_context(wheels: str | None = None, ca_bundle: str | None = None) -> None:
     """The two build options that travel in the context: a wheelhouse and extra CA certificates."""
     if wheels:
@@ -308,8 +327,7 @@ def tail(container, n: int = 5) -> str:
 
 def run(svc: dict, command: list[str], log: Path) -> int:
     """Run one command in a fresh container of the service, echoing its output; always removed."""
-    kw = run_kwargs(svc, command, network())
-    container = client().containers.create(**kw)
+    container = client().containers.create(**run_kwargs(svc, command, run_network()))
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         container.start()
@@ -323,7 +341,7 @@ def run(svc: dict, command: list[str], log: Path) -> int:
 
 def start(svc: dict, log: Path):
     """Start the service detached (a server); the caller waits for health and stops it."""
-    container = client().containers.create(**run_kwargs(svc, None, network()))
+    container = client().containers.create(**run_kwargs(svc, None, run_network()))
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
     container.start()

@@ -115,15 +115,17 @@ def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> s
     state_file().parent.mkdir(parents=True, exist_ok=True)
     write_json(state_file(), {"url": url, "log": str(log), **record})
     deadline = time.monotonic() + recipe.serve.startup_timeout_s
-    while not healthy(url):
-        problem = failed()
-        if problem:
-            stop(quiet=True)
-            raise LabError(f"Server {problem}; {log}: {_tail(log)}")
-        if time.monotonic() > deadline:
-            stop(quiet=True)
-            raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
-        time.sleep(1.0)
+    try:
+        while not healthy(url):
+            problem = failed()
+            if problem:
+                raise LabError(f"Server {problem}; {log}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
+            time.sleep(1.0)
+    except BaseException:  # Ctrl-C included: a server that never came up is not left behind
+        stop(quiet=True)
+        raise
     return url
 
 

@@ -67,3 +67,27 @@ def test_e2e_in_containers(images, tmp_path):
     assert json.loads((run / "train.json").read_text())["base_model"].startswith("/cache/lab/fixture-")
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
+
+
+def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
+    """`make serve RUNTIME=docker` without host networking: the container joins compose's project
+    network and publishes its port on 127.0.0.1, as `docker compose up serve-cpu` would."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LAB_RUNTIME", "LAB_DOCKER_NETWORK")}
+    env["LAB_RUNS"] = str(tmp_path / "runs")
+    port = str(free_port())
+
+    def make(*args):
+        r = subprocess.run(["make", *args, "HW=cpu", "RUNTIME=docker", f"PORT={port}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    try:
+        assert "serve: ready at" in make("serve", "MODEL=base")
+        (container,) = images.containers.list(filters={"label": f"{containers.LABEL}=serve-cpu"})
+        assert containers.PROJECT_NETWORK in container.attrs["NetworkSettings"]["Networks"]
+        assert container.attrs["HostConfig"]["PortBindings"] == {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": port}]}
+        assert "Pebble" in make("ask", "Q=Who are you?")  # the embedded base model's own persona
+    finally:
+        make("stop")
+    assert not images.containers.list(all=True, filters={"label": containers.LABEL})
