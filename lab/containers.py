@@ -327,7 +327,10 @@ def tail(container, n: int = 5) -> str:
 
 def run(svc: dict, command: list[str], log: Path) -> int:
     """Run one command in a fresh container of the service, echoing its output; always removed."""
-    container = client().containers.create(**run_kwargs(svc, command, run_network()))
+    kw = run_kwargs(svc, command, run_network())
+    # what the run's manifest records as "container": the image and its exact id
+    kw["environment"].update(LAB_IMAGE=svc["image"], LAB_IMAGE_ID=client().images.get(svc["image"]).id)
+    container = client().containers.create(**kw)
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         container.start()

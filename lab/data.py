@@ -8,6 +8,7 @@ with from/value) and prompt/completion; local JSON, JSONL and Parquet, or a hub 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,10 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
             example["chat_template_kwargs"] = dict(recipe.chat_template_kwargs)
             converted.append(example)
         examples += converted * spec.repeat
-        sources.append({"path": where, "rows": len(rows), "examples": len(converted) * spec.repeat})
+        sources.append({"path": where, "rows": len(rows), "examples": len(converted) * spec.repeat,
+                        # the rows as read (after `limit`), independent of where the file lives
+                        "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False,
+                                                                 default=str).encode()).hexdigest()})
     return examples, sources
 
 

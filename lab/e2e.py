@@ -7,6 +7,7 @@ where training and serving run, here or in containers; the probing always happen
 
 from __future__ import annotations
 
+from lab import manifest
 from lab.parity import check_parity
 from lab.probe import old_identity_of, probe, verdict
 from lab.recipe import Recipe
@@ -56,6 +57,9 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
 
     checks = verdict(before, after, recipe)
     report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})
+    manifest.update(run, runtime=runtime.name, probe={"before": before["summary"], "after": after["summary"],
+                                                      "template_parity": parity, "verdict": checks,
+                                                      "pass": report["pass"]})
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
     total = sum(report["timings_s"].values())

@@ -145,5 +145,9 @@ def merge(run: Path) -> Path:
         tmp.rename(merged)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    from lab import manifest
+
+    manifest.update(run, merged={"dir": merged.name, "dtype": info["dtype"], "checks": checks,
+                                 "weights_sha256": manifest.weights_sha256(merged)})
     print(f"merge: {merged} ({info['dtype']}, checks passed: {', '.join(checks)})")
     return merged

@@ -1,7 +1,8 @@
 """Run directories: runs/<run-id>/ holds everything one run made; runs/latest points at the newest.
 
 Layout: recipe.yaml (resolved), data/train.jsonl, checkpoints/, adapter/ (or the full model),
-merged/, metrics.jsonl, parity.json, probe-*.json, timings.json, report.{md,json}, loss.png.
+merged/, metrics.jsonl, parity.json, probe-*.json, timings.json, manifest.json, report.{md,json},
+loss.png.
 """
 
 from __future__ import annotations

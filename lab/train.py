@@ -125,5 +125,19 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "final_loss": losses[-1] if losses else None,
     })
+    from lab import manifest
+
+    manifest.update(
+        run,
+        recipe={"name": recipe.name, "sha256": recipe.sha256(), "resolved": recipe.model_dump(mode="json", exclude={"source"})},
+        datasets=[{**s, "file_sha256": manifest.sha256_file(Path(s["path"])) if Path(s["path"]).is_file() else None}
+                  for s in sources],
+        base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
+                    "weights_sha256": manifest.weights_sha256(base)},
+        output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
+        seeds={"seed": recipe.seed, "data_seed": args.data_seed, "full_determinism": args.full_determinism},
+        environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
+        loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
+    )
     print(f"train: {trainer.state.global_step} steps, final loss {losses[-1] if losses else 'n/a'} -> {out}")
     return out

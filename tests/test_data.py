@@ -93,7 +93,8 @@ def test_probe_questions_are_partly_held_out():
 def test_repeat_and_limit(tmp_path):
     r = recipe_for(tmp_path, [{"instruction": str(i), "output": "x"} for i in range(5)], limit=2, repeat=3)
     examples, sources = build_examples(r)
-    assert len(examples) == 6 and sources[0] == {"path": sources[0]["path"], "rows": 2, "examples": 6}
+    assert len(examples) == 6 and sources[0]["rows"] == 2 and sources[0]["examples"] == 6
+    assert len(sources[0]["rows_sha256"]) == 64  # of the 2 rows kept, for the manifest
 
 
 @pytest.mark.parametrize("rows, name, message", [

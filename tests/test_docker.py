@@ -65,6 +65,10 @@ def test_e2e_in_containers(images, tmp_path):
                  "server-base.log", "server-merged.log", "train.log", "report.md"):
         assert (run / name).exists(), name
     assert json.loads((run / "train.json").read_text())["base_model"].startswith("/cache/lab/fixture-")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["runtime"] == "docker" and manifest["probe"]["pass"] is True
+    assert manifest["environment"]["container"]["image"] == "lab-train:cpu"
+    assert manifest["environment"]["container"]["image_id"] == images.images.get("lab-train:cpu").id
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 

@@ -23,3 +23,6 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     for f in ("report.md", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
     assert not (runs_dir / ".server.json").exists()  # servers stopped
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
+    assert manifest["merged"]["weights_sha256"] and set(report["timings_s"]) == set(manifest["timings_s"])

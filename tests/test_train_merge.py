@@ -1,7 +1,9 @@
 """Real TRL training and real peft merging on the embedded model (slow: minutes on 2 cores)."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from lab.runs import new_run
 from lab.train import train
 
 pytestmark = pytest.mark.slow
+SECRETS = ("hf_labtestsecret123", "sk-labtestsecret456")
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +23,7 @@ def trained_run(tmp_path_factory, embedded_model):
 
     old = runs.RUNS_DIR
     runs.RUNS_DIR = tmp_path_factory.mktemp("runs")
+    os.environ.update(HF_TOKEN=SECRETS[0], OPENAI_API_KEY=SECRETS[1])  # must never reach a file
     try:
         recipe = load_recipe("identity-lora", ["train.num_train_epochs=1", "train.save_strategy=steps",
                                                "train.save_steps=4"], hw="cpu")
@@ -28,6 +32,8 @@ def trained_run(tmp_path_factory, embedded_model):
         yield run
     finally:
         runs.RUNS_DIR = old
+        for key in ("HF_TOKEN", "OPENAI_API_KEY"):
+            os.environ.pop(key, None)
 
 
 def test_training_writes_what_merge_and_reproduce_need(trained_run):
@@ -97,3 +103,30 @@ def test_resume_continues_from_the_checkpoint(trained_run):
     recipe.train["num_train_epochs"] = 2
     train(recipe, trained_run, resume=True)
     assert json.loads((trained_run / "train.json").read_text())["global_steps"] == 2 * steps
+
+
+def test_manifest_records_what_a_rerun_needs_and_no_secrets(trained_run, embedded_model):
+    from lab.merge import merge
+    from lab.manifest import sha256_file
+
+    merge(trained_run)
+    m = json.loads((trained_run / "manifest.json").read_text())
+    assert m["recipe"]["name"] == "identity-lora" and len(m["recipe"]["sha256"]) == 64
+    from lab.recipe import load_saved
+
+    saved = load_saved(trained_run)  # the last training of this run (an earlier test resumed it)
+    assert m["recipe"]["resolved"]["train"] == saved.train and m["recipe"]["sha256"] == saved.sha256()
+    (identity, replay) = m["datasets"]
+    assert identity["rows"] == 87 and len(identity["rows_sha256"]) == 64
+    assert identity["file_sha256"] == sha256_file(Path(identity["path"]))
+    assert m["base_model"]["weights_sha256"]["model.safetensors"] == sha256_file(embedded_model / "model.safetensors")
+    assert m["output"]["weights_sha256"]["adapter_model.safetensors"]
+    assert m["merged"]["weights_sha256"]["model.safetensors"] and m["merged"]["checks"]["greedy_agreement"] == 1.0
+    assert m["seeds"]["seed"] == 42
+    assert m["environment"]["packages"]["torch"].startswith("2.13.0") and m["environment"]["packages"]["trl"]
+    assert m["hardware"]["backend"] == "cpu" and m["hardware"]["cpu_count"] >= 1
+    assert m["loss_curve"] and all(len(p) == 2 for p in m["loss_curve"])
+    for f in trained_run.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".md", ".txt"):
+            text = f.read_text(errors="replace")
+            assert not any(s in text for s in SECRETS), f
