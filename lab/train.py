@@ -87,8 +87,6 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    if recipe.train.get("full_determinism"):
-        torch.use_deterministic_algorithms(True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, revision=recipe.model.revision)
     except OSError as e:
@@ -97,6 +95,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         raise LabError(f"model {base!r} has no chat template; use an instruct/chat model")
 
     settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train}
+    if recipe.deterministic:  # TrainingArguments enables it (use_deterministic_algorithms, seeds, cuBLAS)
+        settings.update(full_determinism=True, data_seed=recipe.seed, dataloader_num_workers=0)
     try:
         args = SFTConfig(
             output_dir=str(checkpoints), seed=recipe.seed,
@@ -135,7 +135,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
                     "weights_sha256": manifest.weights_sha256(base)},
         output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
-        seeds={"seed": recipe.seed, "data_seed": args.data_seed, "full_determinism": args.full_determinism},
+        seeds={"seed": recipe.seed, "data_seed": args.data_seed, "deterministic": recipe.deterministic,
+               "full_determinism": args.full_determinism, "torch_threads": torch.get_num_threads()},
         environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )

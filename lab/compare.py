@@ -1,0 +1,124 @@
+"""Compare two runs of a recipe from their manifests: did the second reproduce the first?
+
+Side by side: recipe and environment differences, per-step loss deviation, final-loss ratio,
+weights identity, probe answer agreement, and both loss curves in one PNG. The tolerances
+come from the first run's recipe (`compare.same_host` when hardware and package versions
+match, else the looser `compare.cross_host`); any check past them fails the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.recipe import Tolerances
+from lab.runs import find_run, write_json
+
+
+def load(ref: str) -> tuple[Path, dict]:
+    """A run directory, a run name, or a manifest.json path -> (run dir, manifest)."""
+    path = Path(ref)
+    run = path.parent if path.name == "manifest.json" else find_run(ref)
+    manifest = run / "manifest.json"
+    if not manifest.is_file():
+        raise LabError(f"{manifest} is missing; runs made by `make train` or `make e2e` write one")
+    return run, json.loads(manifest.read_text(encoding="utf-8"))
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def differences(a: dict, b: dict) -> list[dict]:
+    fa, fb = flatten(a or {}), flatten(b or {})
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def loss_deviation(a: list, b: list) -> dict:
+    """Max absolute and relative loss difference at the steps both runs logged."""
+    la, lb = dict(map(tuple, a)), dict(map(tuple, b))
+    steps = sorted(set(la) & set(lb))
+    if not steps:
+        return {"steps_compared": 0, "max_abs": None, "max_rel": None, "final_ratio": None}
+    abs_dev = [abs(la[s] - lb[s]) for s in steps]
+    rel_dev = [abs(la[s] - lb[s]) / abs(la[s]) if la[s] else float(la[s] != lb[s]) for s in steps]
+    fa, fb = a[-1][1], b[-1][1]
+    return {"steps_compared": len(steps), "max_abs": max(abs_dev), "max_rel": max(rel_dev),
+            "final_a": fa, "final_b": fb, "final_ratio": max(fa / fb, fb / fa) if fa > 0 and fb > 0 else None}
+
+
+def probe_agreement(run_a: Path, run_b: Path) -> float | None:
+    """Share of probe questions (identity and controls, after training) answered identically."""
+    files = [r / "probe-after.json" for r in (run_a, run_b)]
+    if not all(f.is_file() for f in files):
+        return None
+    def answers(path: Path) -> dict:
+        probe = json.loads(path.read_text(encoding="utf-8"))
+        return {item["q"]: item["answer"] for item in probe["identity"] + probe["controls"]}
+
+    a, b = answers(files[0]), answers(files[1])
+    shared = set(a) & set(b)
+    return sum(a[q] == b[q] for q in shared) / len(shared) if shared else None
+
+
+def same_host(a: dict, b: dict) -> bool:
+    keys = ("backend", "cpu", "devices", "torch_cuda", "torch_hip", "driver")
+    ha, hb = a.get("hardware") or {}, b.get("hardware") or {}
+    return all(ha.get(k) == hb.get(k) for k in keys) and \
+        (a.get("environment") or {}).get("packages") == (b.get("environment") or {}).get("packages")
+
+
+def checks(tol: Tolerances, loss: dict, weights_equal: bool | None, agreement: float | None) -> list[dict]:
+    out = []
+
+    def check(name, value, op, threshold):
+        ok = value is not None and (value <= threshold if op == "<=" else value >= threshold)
+        out.append({"check": name, "value": value, "op": op, "threshold": threshold, "pass": ok})
+
+    check("loss max abs deviation", loss["max_abs"], "<=", tol.loss_max_abs)
+    check("loss max rel deviation", loss["max_rel"], "<=", tol.loss_max_rel)
+    check("final loss ratio", loss["final_ratio"], "<=", tol.final_loss_ratio_max)
+    if tol.weights_identical:
+        out.append({"check": "weights identical", "value": weights_equal, "op": "==", "threshold": True,
+                    "pass": weights_equal is True})
+    if agreement is not None:  # only runs that were probed
+        check("probe answer agreement", agreement, ">=", tol.probe_agreement_min)
+    return out
+
+
+def compare(ref_a: str, ref_b: str) -> dict:
+    from lab.recipe import Recipe
+    from lab.report import plot_loss
+
+    (run_a, a), (run_b, b) = load(ref_a), load(ref_b)
+    if "recipe" not in a or "recipe" not in b:
+        raise LabError("both runs must have trained (their manifests have no recipe section)")
+    recipe = Recipe.model_validate(a["recipe"]["resolved"])
+    host = "same_host" if same_host(a, b) else "cross_host"
+    loss = loss_deviation(a.get("loss_curve") or [], b.get("loss_curve") or [])
+    wa, wb = ((m.get("merged") or m.get("output") or {}).get("weights_sha256") for m in (a, b))
+    weights_equal = (wa == wb) if wa and wb else None
+    agreement = probe_agreement(run_a, run_b)
+    result = {
+        "a": str(run_a), "b": str(run_b), "host": host,
+        "recipe_differences": differences(a["recipe"]["resolved"], b["recipe"]["resolved"]),
+        "environment_differences": differences({"environment": a.get("environment"), "hardware": a.get("hardware")},
+                                               {"environment": b.get("environment"), "hardware": b.get("hardware")}),
+        "data_identical": [d.get("rows_sha256") for d in a.get("datasets", [])]
+                          == [d.get("rows_sha256") for d in b.get("datasets", [])],
+        "loss": loss, "weights_identical": weights_equal, "probe_agreement": agreement,
+        "checks": checks(getattr(recipe.compare, host), loss, weights_equal, agreement),
+    }
+    result["pass"] = all(c["pass"] for c in result["checks"])
+    png, js = run_a / f"compare-{run_b.name}.png", run_a / f"compare-{run_b.name}.json"
+    plot_loss({run_a.name: a.get("loss_curve") or [], run_b.name: b.get("loss_curve") or []},
+              png, f"{run_a.name} vs {run_b.name}")
+    write_json(js, result)
+    result["files"] = [str(js), str(png)]
+    return result
