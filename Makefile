@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup images fixture train merge serve ask probe stop e2e report compare test test-fast clean
+.PHONY: help setup images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -94,6 +94,9 @@ e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the
 
 report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report $(RUN_ARG)
+
+reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inputs checked), then compare
+	$(LAB) reproduce "$(or $(RUN),latest)"
 
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
 	$(LAB) compare "$(A)" "$(B)"

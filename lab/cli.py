@@ -210,7 +210,17 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from lab.compare import compare
 
-    r = compare(args.a, args.b)
+    return _print_compare(compare(args.a, args.b))
+
+
+def cmd_reproduce(args) -> int:
+    from lab.reproduce import reproduce
+    from lab.runtime import Local
+
+    return _print_compare(reproduce(args.run, Local()))
+
+
+def _print_compare(r: dict) -> int:
     print(f"compare: {r['a']} vs {r['b']} ({r['host'].replace('_', ' ')} tolerances)")
     for d in r["recipe_differences"]:
         print(f"  recipe {d['key']}: {d['a']!r} -> {d['b']!r}")
@@ -235,6 +245,7 @@ COMMANDS = {
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
+    "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
     "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances"),
 }
 
@@ -263,6 +274,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
+    sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")
     sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
     sub.choices["compare"].add_argument("b", help="the run to compare with it")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")

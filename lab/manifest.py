@@ -39,6 +39,12 @@ def update(run: Path, **sections) -> dict:
     return data
 
 
+def relative_to_lab(path: str) -> str:
+    """A path inside the lab as a relative one (the same on the host and in its images)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if ROOT in p.parents else str(p)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

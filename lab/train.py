@@ -129,7 +129,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
 
     manifest.update(
         run,
-        recipe={"name": recipe.name, "sha256": recipe.sha256(), "resolved": recipe.model_dump(mode="json", exclude={"source"})},
+        recipe={"name": recipe.name, "sha256": recipe.sha256(), "source": manifest.relative_to_lab(recipe.source),
+                "resolved": recipe.model_dump(mode="json", exclude={"source"})},
         datasets=[{**s, "file_sha256": manifest.sha256_file(Path(s["path"])) if Path(s["path"]).is_file() else None}
                   for s in sources],
         base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,

@@ -1,0 +1,67 @@
+"""Reproduce: rerun a run from its manifest alone, then compare the two.
+
+Before anything trains, the inputs are checked against the manifest: the recipe's content
+hash, every dataset's rows and the base model's weights. A mismatch is an error naming what
+changed, never a silently different run. Then train and merge into a new run here (the local
+runtime), and `compare` judges the result with the recipe's tolerances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab import manifest
+from lab.compare import compare, load
+from lab.errors import LabError
+from lab.recipe import Recipe
+from lab.runs import new_run, stage
+
+
+def recipe_of(m: dict) -> Recipe:
+    section = m.get("recipe") or {}
+    if "resolved" not in section:
+        raise LabError("the manifest has no resolved recipe; only trained runs can be reproduced")
+    source = Path(section.get("source") or "recipes/unknown.yaml")
+    recipe = Recipe.model_validate({**section["resolved"],
+                                    "source": str(source if source.is_absolute() else manifest.ROOT / source)})
+    if recipe.sha256() != section.get("sha256"):
+        raise LabError("the manifest's recipe does not match its own sha256 (edited by hand?)")
+    return recipe
+
+
+def check_inputs(recipe: Recipe, m: dict) -> str:
+    """The data and base weights the manifest names, or an error saying which differ. Returns the base model."""
+    from lab.data import build_examples
+    from lab.train import resolve_model
+
+    _, sources = build_examples(recipe)
+    recorded = m.get("datasets") or []
+    for now, then in zip(sources, recorded):
+        if now["rows_sha256"] != then.get("rows_sha256") or now["rows"] != then.get("rows"):
+            raise LabError(f"dataset {now['path']} differs from the run's ({now['rows']} rows now, "
+                           f"{then.get('rows')} then; content sha256 {now['rows_sha256'][:12]} vs "
+                           f"{str(then.get('rows_sha256'))[:12]})")
+    if len(sources) != len(recorded):
+        raise LabError(f"the recipe reads {len(sources)} datasets; the run read {len(recorded)}")
+    base = resolve_model(recipe)
+    want = (m.get("base_model") or {}).get("weights_sha256")
+    have = manifest.weights_sha256(base)
+    if want and have is not None and have != want:
+        raise LabError(f"base model {base} has other weights than the run's ({recipe.model.path}); "
+                       "the embedded model changes when its code or library versions do")
+    return base
+
+
+def reproduce(ref: str, runtime) -> dict:
+    run, m = load(ref)
+    recipe = recipe_of(m)
+    print(f"reproduce: {run.name}: recipe {recipe.name} sha256 {recipe.sha256()[:12]}; checking inputs", flush=True)
+    check_inputs(recipe, m)
+    again = new_run(f"{recipe.name}-reproduce")
+    print(f"reproduce: inputs match; rerunning into {again}", flush=True)
+    with stage(again, "train"):
+        runtime.train(recipe, again)
+    with stage(again, "merge"):
+        runtime.merge(again)
+    manifest.update(again, reproduces=run.name)
+    return compare(str(run), str(again))
