@@ -120,5 +120,9 @@ def compare(ref_a: str, ref_b: str) -> dict:
     plot_loss({run_a.name: a.get("loss_curve") or [], run_b.name: b.get("loss_curve") or []},
               png, f"{run_a.name} vs {run_b.name}")
     write_json(js, result)
+    if (run_a / "report.json").is_file():  # the report links its comparisons
+        from lab.report import write_report
+
+        write_report(run_a, json.loads((run_a / "report.json").read_text(encoding="utf-8")).get("verdict"))
     result["files"] = [str(js), str(png)]
     return result

@@ -40,7 +40,8 @@ def plot_loss(series: dict[str, list], out: Path, title: str) -> None:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Model output inside a table cell: no pipes, no newlines, no raw HTML (e.g. <think>)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("\n", " ")
 
 
 def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | None = None) -> dict:
@@ -50,7 +51,8 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
     if points:
         plot_loss({run.name: points}, run / "loss.png", f"{run.name}")
     passed = all(c["pass"] for c in verdict) if verdict else None
-    report = {"run": run.name, "pass": passed, "verdict": verdict, "timings_s": timings, "train": train,
+    previous = _load(run / "report.json") or {}  # a rewrite keeps what the first writer added
+    report = {**previous, "run": run.name, "pass": passed, "verdict": verdict, "timings_s": timings, "train": train,
               "before": before and before["summary"], "after": after and after["summary"],
               "loss_curve": points, **(extra or {})}
     write_json(run / "report.json", report)
@@ -86,5 +88,28 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
     for label, probe in (("before", before), ("after", after)):
         if probe:
             md.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in probe["summary"].items()))
-    (run / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    comparisons = sorted(run.glob("compare-*.json"))
+    if comparisons:
+        md += ["", "## Comparisons", ""]
+        for c in comparisons:
+            result = json.loads(c.read_text(encoding="utf-8"))
+            md += [f"- [{c.stem}]({c.name}) with `{Path(result['b']).name}` ({result['host'].replace('_', ' ')}): "
+                   f"{'PASS' if result['pass'] else 'FAIL'}", "", f"![{c.stem}]({c.stem}.png)", ""]
+    md += ["", "Files: [manifest.json](manifest.json) (what a rerun needs), [report.json](report.json)."]
+    text = "\n".join(md) + "\n"
+    (run / "report.md").write_text(text, encoding="utf-8")
+    write_html(text, run / "report.html", f"Run {run.name}")
     return report
+
+
+def write_html(markdown_text: str, out: Path, title: str) -> None:
+    """The same report as a page that shows the plots (Python-Markdown with its tables extension)."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    out.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>\n"
+                   "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+                   "td,th{border:1px solid #ccc;padding:.2em .5em}</style></head><body>\n"
+                   f"{body}\n</body></html>\n", encoding="utf-8")

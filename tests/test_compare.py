@@ -66,3 +66,21 @@ def test_cli_exit_codes(runs_dir):
     (runs_dir / "empty").mkdir()
     r = run_lab("compare", "a", "empty")
     assert r.returncode == 2 and "manifest.json is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_page_shows_plots_and_links_manifest_and_comparisons(runs_dir):
+    from lab.report import write_report
+
+    a = make_run(runs_dir, "a", [2.0, 1.5, 1.0])
+    make_run(runs_dir, "b", [2.0, 1.5, 1.0])
+    (a / "metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n')
+    (a / "probe-after.json").write_text(json.dumps({"summary": {"identity_hit_rate": 1.0}, "controls": [],
+                                                    "identity": [{"q": "Who?", "answer": "<think>x</think> I am A|B",
+                                                                  "hit": True, "finish_reason": "stop"}]}))
+    write_report(a, [{"check": "c", "value": 1, "op": ">=", "threshold": 1, "pass": True}], {"runtime": "local"})
+    compare(str(a), str(runs_dir / "b"))  # rewrites the report with a link to the comparison
+    page = (a / "report.html").read_text()
+    assert '<img alt="loss curve" src="loss.png"' in page and 'src="compare-b.png"' in page
+    assert 'href="manifest.json"' in page and 'href="compare-b.json"' in page and "<table>" in page
+    assert "&lt;think&gt;" in page and "<think>" not in page  # model output is text, not markup
+    assert json.loads((a / "report.json").read_text())["runtime"] == "local"  # kept across the rewrite

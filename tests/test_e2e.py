@@ -20,7 +20,7 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
         assert stage in report["timings_s"]
     after = json.loads((run / "probe-after.json").read_text())
     assert all("Atlas" in q["answer"] for q in after["identity"] if q["hit"])
-    for f in ("report.md", "loss.png", "merged/model.safetensors", "probe-before.json"):
+    for f in ("report.md", "report.html", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
     assert not (runs_dir / ".server.json").exists()  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
