@@ -32,11 +32,6 @@ def _runtime(args, recipe):
     if Path(ref).expanduser().is_file():  # a path: the container must see it (recipes/ and runs/ are mounted)
         ref = str(Path(ref).expanduser().resolve())
     rt = choose(args.runtime, recipe.backend, ["--recipe", ref, "--hw", recipe.backend, "--set", args.set or ""])
-    if rt.name == "docker" and ref.startswith("/"):
-        from lab import containers
-
-        svc = containers.service(f"train-{recipe.backend}", rt.env())
-        rt.recipe_argv[1] = containers.to_container(svc, Path(ref))
     print(f"lab: runtime {rt.name}", flush=True)
     return rt
 
@@ -182,12 +177,10 @@ def cmd_e2e(args) -> int:
 def cmd_images(args) -> int:
     """Build the training and serving images of one hardware from compose.yaml."""
     from lab import containers
-    from lab.hardware import BACKENDS, detect_backend
+    from lab.hardware import resolve_backend
     from lab.runs import RUNS_DIR
 
-    hw = detect_backend() if args.hw == "auto" else args.hw
-    if hw not in BACKENDS:
-        raise LabError(f"HW={args.hw!r} is not one of auto, {', '.join(BACKENDS)}")
+    hw = resolve_backend(args.hw)
     containers.prepare_context(args.wheels, args.ca_bundle)
     roles = ("train", "serve") if args.role == "all" else (args.role,)
     for role in roles:

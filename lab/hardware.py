@@ -29,3 +29,13 @@ def detect_backend() -> str:
     if torch.cuda.is_available():
         return "rocm" if getattr(torch.version, "hip", None) else "cuda"
     return "cpu"
+
+
+def resolve_backend(hw: str) -> str:
+    """HW=auto|cpu|cuda|rocm -> a backend, or the one-line error."""
+    from lab.errors import LabError
+
+    backend = detect_backend() if hw == "auto" else hw
+    if backend not in BACKENDS:
+        raise LabError(f"HW={hw!r} is not one of auto, {', '.join(BACKENDS)}")
+    return backend

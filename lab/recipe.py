@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lab.errors import LabError
-from lab.hardware import BACKENDS, detect_backend
+from lab.hardware import BACKENDS, resolve_backend
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EMBEDDED = "embedded"  # model.path value meaning "the lab's own tiny model" (lab/fixture.py)
@@ -280,9 +280,7 @@ def load_recipe(
     if not isinstance(raw, dict):
         raise LabError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
 
-    backend = detect_backend() if hw == "auto" else hw
-    if backend not in BACKENDS:
-        raise LabError(f"HW={hw!r} is not one of auto, {', '.join(BACKENDS)}")
+    backend = resolve_backend(hw)
     overlays = raw.get("hw") or {}
     if not isinstance(overlays, dict):
         raise LabError(f"{path}: 'hw' must map backends ({', '.join(BACKENDS)}) to overlays")

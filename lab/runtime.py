@@ -63,9 +63,14 @@ class Docker:
 
         self.c = containers
         self.backend = backend
-        self.recipe_argv = recipe_argv
         self.cache_dir = Path(os.environ.get("LAB_CACHE_DIR") or containers.ROOT / ".cache").resolve()
+        self._specs: dict[str, dict] = {}
         containers.client()  # fail now, in one line, if no engine answers
+        self.recipe_argv = list(recipe_argv)
+        if "--recipe" in self.recipe_argv:  # a recipe file given by path: where the container sees it
+            i = self.recipe_argv.index("--recipe") + 1
+            if Path(self.recipe_argv[i]).is_absolute():
+                self.recipe_argv[i] = containers.to_container(self.spec("train"), Path(self.recipe_argv[i]))
 
     def env(self, **extra: str) -> dict[str, str]:
         uid, gid = os.getuid(), os.getgid()
@@ -76,6 +81,12 @@ class Docker:
         if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
             env["LAB_RENDER_GID"] = str(Path("/dev/kfd").stat().st_gid)
         return {**env, **extra}
+
+    def spec(self, role: str) -> dict:
+        """The service as compose.yaml resolves it for this host (read once; for mounts and paths)."""
+        if role not in self._specs:
+            self._specs[role] = self.c.service(f"{role}-{self.backend}", self.env())
+        return self._specs[role]
 
     def service(self, role: str, **extra: str) -> dict:
         svc = self.c.service(f"{role}-{self.backend}", self.env(**extra))
@@ -100,7 +111,7 @@ class Docker:
 
     def base_model(self, recipe: Recipe, model: str | None = None) -> str:
         out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
-        svc = self.c.service(f"train-{self.backend}", self.env())
+        svc = self.spec("train")
         argv = [*self.recipe_argv, *(["--set", f"model.path={model}"] if model else [])]
         try:
             self.lab("resolve", *argv, "--out", self.c.to_container(svc, out), log=runs.RUNS_DIR / "resolve.log")
@@ -110,13 +121,11 @@ class Docker:
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False) -> None:
         self._writable(run)
-        svc = self.c.service(f"train-{self.backend}", self.env())
-        self.lab("train", *self.recipe_argv, "--run", self.c.to_container(svc, run), *(["--resume"] if resume else []),
+        self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run), *(["--resume"] if resume else []),
                  log=run / "train.log")
 
     def merge(self, run: Path) -> Path:
-        svc = self.c.service(f"train-{self.backend}", self.env())
-        self.lab("merge", "--run", self.c.to_container(svc, run), log=run / "merge.log")
+        self.lab("merge", "--run", self.c.to_container(self.spec("train"), run), log=run / "merge.log")
         return run / "merged"
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None) -> str:
@@ -150,10 +159,10 @@ class Docker:
         return None
 
     def served_path(self, host_path: Path) -> str:
-        return self.c.to_container(self.c.service(f"serve-{self.backend}", self.env()), host_path)
+        return self.c.to_container(self.spec("serve"), host_path)
 
     def host_path(self, path: str) -> Path:
-        return self.c.to_host(self.c.service(f"serve-{self.backend}", self.env()), path)
+        return self.c.to_host(self.spec("serve"), path)
 
 
 def choose(name: str, backend: str, recipe_argv: list[str]):
