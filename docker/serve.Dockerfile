@@ -37,5 +37,12 @@ USER ${LAB_UID}
 EXPOSE 8000
 ENTRYPOINT ["/opt/lab/serve-entrypoint.sh"]
 CMD ["--help"]
+# What the image was built from (`lab images` passes it; run manifests record it). Here, while
+# the image is small: metadata steps after the venv would each copy the whole image on vfs, and
+# a new commit re-copies the app and venv layers below anyway.
+ARG LAB_GIT_COMMIT=""
+ARG LAB_GIT_DIRTY=""
+ENV LAB_GIT_COMMIT=${LAB_GIT_COMMIT} LAB_GIT_DIRTY=${LAB_GIT_DIRTY}
+LABEL org.opencontainers.image.revision=${LAB_GIT_COMMIT}
 COPY --from=app /opt/lab/app /opt/lab/app
 COPY --from=build /opt/lab /opt/lab

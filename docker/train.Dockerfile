@@ -33,5 +33,12 @@ WORKDIR /opt/lab/app
 USER ${LAB_UID}
 ENTRYPOINT ["python", "-m", "lab"]
 CMD ["--help"]
+# What the image was built from (`lab images` passes it; run manifests record it). Here, while
+# the image is small: metadata steps after the venv would each copy the whole image on vfs, and
+# a new commit re-copies the app and venv layers below anyway.
+ARG LAB_GIT_COMMIT=""
+ARG LAB_GIT_DIRTY=""
+ENV LAB_GIT_COMMIT=${LAB_GIT_COMMIT} LAB_GIT_DIRTY=${LAB_GIT_DIRTY}
+LABEL org.opencontainers.image.revision=${LAB_GIT_COMMIT}
 COPY --from=app /opt/lab/app /opt/lab/app
 COPY --from=build /opt/lab /opt/lab

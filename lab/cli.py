@@ -151,7 +151,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from lab.probe import old_identity_of, probe
+    from lab.probe import old_identity_of, probe, record_probe
 
     recipe = _recipe(args)
     url = _url(args, recipe)
@@ -164,6 +164,8 @@ def cmd_probe(args) -> int:
     print(json.dumps(result["summary"], ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    run = record_probe(result, url, recipe, runtime)
+    print(f"probe: recorded in {run / 'manifest.json'}")
     return 0
 
 
@@ -208,9 +210,22 @@ def cmd_compare(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from lab.reproduce import reproduce
-    from lab.runtime import Local
 
-    return _print_compare(reproduce(args.run, Local()))
+    return _print_compare(reproduce(args.run, args.runtime))
+
+
+def cmd_lock(args) -> int:
+    from lab.pins import LOCKS, lock
+
+    stale = lock(args.names or None, check=args.check)
+    if args.check:
+        if stale:
+            print(f"lock: out of date with requirements/: {', '.join(stale)}; run `make lock`", file=sys.stderr)
+            return 1
+        print("lock: every lock matches its pins")
+    else:
+        print(f"lock: {len(stale)} rewritten ({', '.join(stale) or 'none changed'}) in {LOCKS}")
+    return 0
 
 
 def _print_compare(r: dict) -> int:
@@ -239,6 +254,7 @@ COMMANDS = {
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
     "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
+    "lock": (cmd_lock, "resolve requirements/lock/<env>.txt from the pins (requirements/locks.yaml) with uv"),
     "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances"),
 }
 
@@ -256,7 +272,7 @@ def make_parser() -> argparse.ArgumentParser:
         if name in ("train", "merge", "serve", "report"):
             p.add_argument("--run", default=None, help="run directory or name (default: runs/latest; "
                                                        "train: a new run)")
-        if name in ("train", "merge", "serve", "probe", "e2e"):
+        if name in ("train", "merge", "serve", "probe", "e2e", "reproduce"):
             p.add_argument("--runtime", default=None, help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
                                                            "docker when an engine answers)")
         if name in ("serve", "ask", "probe", "e2e"):
@@ -270,6 +286,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")
     sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
     sub.choices["compare"].add_argument("b", help="the run to compare with it")
+    sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")
+    sub.choices["lock"].add_argument("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
     images = sub.choices["images"]
     images.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")

@@ -261,6 +261,15 @@ def prepare_context(wheels: str | None = None, ca_bundle: str | None = None) -> 
         shutil.copyfile(src, ROOT / "docker" / "certs" / "extra-ca.crt")
 
 
+def _build_args(spec: dict) -> dict[str, str]:
+    """compose's build args, plus the commit the image is built from (for run manifests)."""
+    from lab.manifest import code
+
+    here = code()
+    return {**{k: str(v) for k, v in (spec.get("args") or {}).items()},
+            "LAB_GIT_COMMIT": here["commit"] or "", "LAB_GIT_DIRTY": str(bool(here["dirty"])).lower()}
+
+
 def build(svc: dict, log: Path, nocache: bool = False) -> str:
     """Build the service's image as compose would; progress to stdout, everything to `log`."""
     import docker
@@ -275,7 +284,7 @@ def build(svc: dict, log: Path, nocache: bool = False) -> str:
     with log.open("w", encoding="utf-8") as out:
         try:
             for chunk in api.build(path=str(ROOT / spec.get("context", ".")), dockerfile=spec.get("dockerfile"),
-                                   tag=svc["image"], buildargs={k: str(v) for k, v in (spec.get("args") or {}).items()},
+                                   tag=svc["image"], buildargs=_build_args(spec),
                                    network_mode=network(), rm=True, forcerm=True, pull=False, nocache=nocache,
                                    decode=True):
                 if "error" in chunk:

@@ -14,7 +14,7 @@ from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
 from lab.runtime import Local
-from lab.serve import stop
+from lab.serve import server_state, stop
 
 
 def _summary_line(label: str, result: dict) -> str:
@@ -47,6 +47,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
 
         with stage(run, "serve_merged"):
             url = runtime.start(recipe, runtime.served_path(merged), run / "server-merged.log", port)
+            serving = manifest.serving(server_state())
         with stage(run, "probe_after"):
             parity = check_parity(url, before["model"], run)
             after = probe(url, recipe, old)
@@ -57,7 +58,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
 
     checks = verdict(before, after, recipe)
     report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})
-    manifest.update(run, runtime=runtime.name, probe={"before": before["summary"], "after": after["summary"],
+    manifest.update(run, runtime=runtime.name, serving=serving, probe={"before": before["summary"], "after": after["summary"],
                                                       "template_parity": parity, "verdict": checks,
                                                       "pass": report["pass"]})
     for c in checks:

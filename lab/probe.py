@@ -170,3 +170,26 @@ def verdict(before: dict | None, after: dict, recipe: Recipe) -> list[dict[str, 
         ok = value is not None and (value >= limit if op == ">=" else value <= limit)
         out.append({"check": name, "value": value, "op": op, "threshold": limit, "pass": ok})
     return out
+
+
+def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> Path:
+    """A standalone probe's manifest entry: in the run whose model the lab's server serves, else
+    in a new `probe` run (a base model, or any other endpoint)."""
+    from datetime import datetime
+
+    from lab import manifest
+    from lab.runs import new_run, owner, write_json
+    from lab.serve import server_state
+
+    state = server_state()
+    ours = state if state and state["url"].rstrip("/") == url.rstrip("/") else None
+    run = owner(runtime.host_path(ours["model"])) if ours else None
+    if run is None:
+        run = new_run("probe")
+        manifest.update(run, environment=manifest.environment(), hardware=manifest.hardware(recipe.backend))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_json(run / f"probe-{stamp}.json", result)
+    manifest.append(run, "probes", {"at": stamp, "file": f"probe-{stamp}.json", "url": url,
+                                    "recipe_sha256": recipe.sha256(), "serving": manifest.serving(ours),
+                                    "summary": result["summary"]})
+    return run

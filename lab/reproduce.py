@@ -2,18 +2,22 @@
 
 Before anything trains, the inputs are checked against the manifest: the recipe's content
 hash, every dataset's rows and the base model's weights. A mismatch is an error naming what
-changed, never a silently different run. Then train and merge into a new run here (the local
-runtime), and `compare` judges the result with the recipe's tolerances.
+changed, never a silently different run. Then train and merge into a new run, here or in the
+training image (RUNTIME=docker: the container reads the manifest's resolved recipe from under
+runs/), and `compare` judges the result with the recipe's tolerances.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from lab import manifest
 from lab.compare import compare, load
 from lab.errors import LabError
 from lab.recipe import Recipe
+from lab import runs
 from lab.runs import new_run, stage
 
 
@@ -29,10 +33,9 @@ def recipe_of(m: dict) -> Recipe:
     return recipe
 
 
-def check_inputs(recipe: Recipe, m: dict) -> str:
+def check_inputs(recipe: Recipe, m: dict, runtime) -> str:
     """The data and base weights the manifest names, or an error saying which differ. Returns the base model."""
     from lab.data import build_examples
-    from lab.train import resolve_model
 
     _, sources = build_examples(recipe)
     recorded = m.get("datasets") or []
@@ -43,25 +46,36 @@ def check_inputs(recipe: Recipe, m: dict) -> str:
                            f"{str(then.get('rows_sha256'))[:12]})")
     if len(sources) != len(recorded):
         raise LabError(f"the recipe reads {len(sources)} datasets; the run read {len(recorded)}")
-    base = resolve_model(recipe)
+    base = runtime.base_model(recipe)
     want = (m.get("base_model") or {}).get("weights_sha256")
-    have = manifest.weights_sha256(base)
+    have = manifest.weights_sha256(runtime.host_path(base))
     if want and have is not None and have != want:
         raise LabError(f"base model {base} has other weights than the run's ({recipe.model.path}); "
                        "the embedded model changes when its code or library versions do")
     return base
 
 
-def reproduce(ref: str, runtime) -> dict:
+def reproduce(ref: str, runtime_name: str | None = None) -> dict:
+    from lab.runtime import choose
+
     run, m = load(ref)
     recipe = recipe_of(m)
-    print(f"reproduce: {run.name}: recipe {recipe.name} sha256 {recipe.sha256()[:12]}; checking inputs", flush=True)
-    check_inputs(recipe, m)
-    again = new_run(f"{recipe.name}-reproduce")
-    print(f"reproduce: inputs match; rerunning into {again}", flush=True)
-    with stage(again, "train"):
-        runtime.train(recipe, again)
-    with stage(again, "merge"):
-        runtime.merge(again)
+    # The resolved recipe as a file a training container can read too (runs/ is mounted there).
+    runs.RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    saved = runs.RUNS_DIR.resolve() / f".reproduce-{run.name}.yaml"
+    saved.write_text(yaml.safe_dump(m["recipe"]["resolved"], sort_keys=False, allow_unicode=True), encoding="utf-8")
+    try:
+        runtime = choose(runtime_name, recipe.backend, ["--recipe", str(saved), "--hw", recipe.backend, "--set", ""])
+        print(f"reproduce: {run.name}: recipe {recipe.name} sha256 {recipe.sha256()[:12]}; checking inputs "
+              f"(runtime {runtime.name})", flush=True)
+        check_inputs(recipe, m, runtime)
+        again = new_run(f"{recipe.name}-reproduce")
+        print(f"reproduce: inputs match; rerunning into {again}", flush=True)
+        with stage(again, "train"):
+            runtime.train(recipe, again)
+        with stage(again, "merge"):
+            runtime.merge(again)
+    finally:
+        saved.unlink(missing_ok=True)
     manifest.update(again, reproduces=run.name)
     return compare(str(run), str(again))

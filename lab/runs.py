@@ -42,6 +42,15 @@ def run_dir(ref: str) -> Path:
     return run
 
 
+def owner(path: Path | str) -> Path | None:
+    """The run a path lies in (runs/<id>/merged -> runs/<id>), if any."""
+    p, top = Path(path).resolve(), RUNS_DIR.resolve()
+    if top in p.parents:
+        run = top / p.relative_to(top).parts[0]
+        return run if run.is_dir() else None
+    return None
+
+
 def _point_latest(run: Path) -> None:
     latest = RUNS_DIR / "latest"
     tmp = RUNS_DIR / f".latest-{os.getpid()}"

@@ -144,7 +144,8 @@ class Docker:
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
         container = self.c.start(svc, log)
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
-        return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"], "model": model},
+        return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"],
+                                                      "image_id": container.image.id, "model": model},
                             failed=lambda: self._failed(container.id))
 
     def _failed(self, container_id: str) -> str | None:

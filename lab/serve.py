@@ -174,9 +174,11 @@ def _stop_process_group(pid: int) -> None:
             return
 
 
+def server_state() -> dict | None:
+    """The lab's server record (url, log, model, and pid + argv or container + image), if any."""
+    return json.loads(state_file().read_text()) if state_file().is_file() else None
+
+
 def running_url() -> str | None:
-    if state_file().is_file():
-        url = json.loads(state_file().read_text())["url"]
-        if healthy(url):
-            return url
-    return None
+    state = server_state()
+    return state["url"] if state and healthy(state["url"]) else None

@@ -69,6 +69,11 @@ def test_e2e_in_containers(images, tmp_path):
     assert manifest["runtime"] == "docker" and manifest["probe"]["pass"] is True
     assert manifest["environment"]["container"]["image"] == "lab-train:cpu"
     assert manifest["environment"]["container"]["image_id"] == images.images.get("lab-train:cpu").id
+    # the image's own lock, installed exactly, and the commit it was built from
+    assert manifest["environment"]["lock"]["name"] == "train-cpu" and manifest["environment"]["lock"]["matches"]
+    built_from = images.images.get("lab-train:cpu").labels["org.opencontainers.image.revision"]
+    assert len(built_from) == 40 and manifest["environment"]["code"]["commit"] == built_from
+    assert manifest["serving"]["image_id"] == images.images.get("lab-serve:cpu").id
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 

@@ -26,3 +26,8 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
     assert manifest["merged"]["weights_sha256"] and set(report["timings_s"]) == set(manifest["timings_s"])
+    # both environments named with their locks, and both installed exactly
+    assert manifest["environment"]["lock"]["name"] == "train-cpu" and manifest["environment"]["lock"]["matches"]
+    serving = manifest["serving"]
+    assert serving["runtime"] == "local" and serving["lock"]["name"] == "serve-cpu" and serving["lock"]["matches"]
+    assert serving["model"].endswith("/merged") and serving["vllm"]

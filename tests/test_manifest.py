@@ -1,6 +1,7 @@
 """The run manifest: sections merge in, timings follow, nothing from the environment leaks."""
 
 import json
+from pathlib import Path
 
 from lab import manifest
 
@@ -28,6 +29,27 @@ def test_environment_names_versions_and_never_copies_variables(monkeypatch):
     env = manifest.environment()
     assert env["python"].count(".") == 2 and env["packages"]["torch"].startswith("2.13.0")
     assert len(env["code"]["commit"] or "") in (0, 40)
+    assert env["lock"]["name"] == "train-cpu" and env["lock"]["matches"] and len(env["lock"]["sha256"]) == 64
     hw = manifest.hardware("cpu")
     assert hw["backend"] == "cpu" and hw["cpu"] and hw["memory_gib"] > 0 and hw["devices"] == []
     assert "hf_unit_secret" not in json.dumps([env, hw])
+
+
+def test_an_image_reports_the_commit_it_was_built_from(monkeypatch):
+    monkeypatch.setattr(manifest, "ROOT", Path("/nonexistent"))  # no .git, as in an image
+    monkeypatch.setenv("LAB_GIT_COMMIT", "a" * 40)
+    monkeypatch.setenv("LAB_GIT_DIRTY", "false")
+    assert manifest.code() == {"commit": "a" * 40, "dirty": False}
+    monkeypatch.delenv("LAB_GIT_COMMIT")
+    monkeypatch.delenv("LAB_GIT_DIRTY")
+    assert manifest.code() == {"commit": None, "dirty": None}
+
+
+def test_serving_section_from_a_server_record(tmp_path):
+    docker = manifest.serving({"url": "u", "container": "c" * 64, "image": "lab-serve:cpu", "image_id": "sha256:1",
+                               "model": "/runs/x/merged"})
+    assert docker == {"runtime": "docker", "image": "lab-serve:cpu", "image_id": "sha256:1", "model": "/runs/x/merged"}
+    local = manifest.serving({"url": "u", "pid": 1, "argv": [str(manifest.ROOT / ".venv/serve/bin/python")],
+                              "model": str(tmp_path)})
+    assert local["runtime"] == "local" and local["vllm"] and local["lock"]["name"] == "serve-cpu"
+    assert manifest.serving(None) is None

@@ -1,5 +1,8 @@
 """Probe scoring and the pass/fail verdict, on answers written out here (no server needed)."""
 
+import json
+import sys
+
 from lab.probe import leaked_names, old_identity_of, retention, similarity, verdict
 from lab.recipe import load_recipe
 
@@ -63,3 +66,21 @@ def test_retention_counts_only_what_was_known_before():
     before = result([False], correct=[True, False, True])
     after = result([True], correct=[True, True, False])
     assert retention(before, after) == 0.5
+
+
+def test_a_standalone_probe_lands_in_the_run_whose_model_is_served(runs_dir):
+    from lab.probe import record_probe
+    from lab.runs import write_json
+    from lab.runtime import Local
+    from lab.serve import state_file
+
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    (runs_dir / "r1" / "merged").mkdir(parents=True)
+    write_json(state_file(), {"url": "http://127.0.0.1:8011", "log": "x", "pid": 1,
+                              "argv": [sys.executable], "model": str(runs_dir / "r1" / "merged")})
+    for _ in range(2):
+        run = record_probe({"summary": {"identity_hit_rate": 1.0}}, "http://127.0.0.1:8011/", recipe, Local())
+    assert run == runs_dir / "r1"
+    probes = json.loads((run / "manifest.json").read_text())["probes"]
+    assert len(probes) == 2 and probes[0]["serving"]["runtime"] == "local"
+    assert probes[0]["summary"] == {"identity_hit_rate": 1.0} and probes[0]["recipe_sha256"] == recipe.sha256()

