@@ -141,7 +141,11 @@ def installed(prefix: Path | None = None) -> dict[str, str]:
         dists = metadata.distributions()
     else:
         dists = metadata.distributions(path=[str(p) for p in Path(prefix).glob("lib/python*/site-packages")])
-    return {canonical(d.metadata["Name"]): d.version for d in dists if d.metadata["Name"]}
+    found: dict[str, str] = {}
+    for d in dists:  # in sys.path order: the first is the one Python imports (a venv before the system)
+        if d.metadata["Name"]:
+            found.setdefault(canonical(d.metadata["Name"]), d.version)
+    return found
 
 
 def drift(prefix: Path | None = None) -> dict | None:

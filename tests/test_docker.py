@@ -77,6 +77,17 @@ def test_e2e_in_containers(images, tmp_path):
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 
+    # make reproduce in the training image, from that run's manifest alone: same image, same
+    # CPU, so the same-host (exact) tolerances apply
+    r = subprocess.run(["make", "reproduce", f"RUN={run}", "RUNTIME=docker"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    assert r.returncode == 0 and "runtime docker" in r.stdout and "compare: PASS" in r.stdout, r.stderr[-2000:]
+    again = json.loads(((runs_dir / "latest").resolve() / "manifest.json").read_text())
+    assert again["reproduces"] == run.name and again["environment"]["container"]["image"] == "lab-train:cpu"
+    assert again["merged"]["weights_sha256"] == manifest["merged"]["weights_sha256"]
+    assert not [p for p in runs_dir.iterdir() if p.name.startswith(".reproduce-")]
+
 
 def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
     """`make serve RUNTIME=docker` without host networking: the container joins compose's project
