@@ -38,7 +38,8 @@ ifeq ($(RUNTIME),docker)
 SETUP_STAMPS := $(VENV)/harness/.done
 LAB      := $(HARNESS_PY) -m lab
 else
-SETUP_STAMPS := $(VENV)/train/.done $(VENV)/serve/.done
+# No serve lock for a hardware (rocm): vLLM comes from its official image there (RUNTIME=docker).
+SETUP_STAMPS := $(VENV)/train/.done $(if $(wildcard requirements/lock/serve-$(PINS).txt),$(VENV)/serve/.done)
 LAB      := $(TRAIN_PY) -m lab
 endif
 RT_ARG   := $(if $(RUNTIME),--runtime $(RUNTIME))

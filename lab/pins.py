@@ -60,6 +60,15 @@ def _uv() -> str:
     return find_uv_bin()
 
 
+def _uv_env() -> dict[str, str]:
+    """uv ignores pip's configuration: no uv.toml from elsewhere, and pip's CA bundle if that is
+    the one this host's TLS needs."""
+    env = {**os.environ, "UV_NO_CONFIG": "1"}
+    if "PIP_CERT" in env and "SSL_CERT_FILE" not in env:
+        env["SSL_CERT_FILE"] = env["PIP_CERT"]
+    return env
+
+
 def _drop(text: str, patterns: list[str]) -> str:
     """uv's output less the requirement blocks (pin + its `# via` lines) matching `patterns`."""
     kept, skipping = [], False
@@ -78,6 +87,7 @@ def _compile(name: str, spec: dict, out: Path) -> None:
     args = [_uv(), "pip", "compile", "--quiet", "--no-header", "--python-version", spec["python"]]
     args += ["--universal"] if spec.get("universal") else ["--python-platform", PLATFORM]
     drop = spec.get("drop", [])
+    index = os.environ.get("LAB_CPU_TORCH_INDEX_URL", CPU_TORCH_INDEX)
     with tempfile.TemporaryDirectory() as tmp:
         if torch_file := spec.get("torch"):
             (torch_pin,) = read_pins(REQUIREMENTS / torch_file).items()
@@ -87,7 +97,6 @@ def _compile(name: str, spec: dict, out: Path) -> None:
                 pin = f"torch=={torch_pin[1].split('+')[0]}"
             else:
                 pin = f"torch=={torch_pin[1]}"
-                index = os.environ.get("LAB_CPU_TORCH_INDEX_URL", CPU_TORCH_INDEX)
                 args += ["--extra-index-url", index] if index else []
                 # pip's find-links may hold that wheel (offline hosts). Only here: a local
                 # torch-X+cpu would outrank PyPI's CUDA torch-X in the other locks.
@@ -99,10 +108,12 @@ def _compile(name: str, spec: dict, out: Path) -> None:
         if out.is_file():  # the current lock as preferences: nothing moves unless it must
             shutil.copy(out, raw)
         done = subprocess.run([*args, *inputs, "-o", str(raw)], capture_output=True, text=True,
-                              env={**os.environ, "UV_NO_CONFIG": "1"})
+                              env=_uv_env())
         if done.returncode != 0:
-            detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LabError(f"locking {name} failed: {detail}")
+            detail = (done.stderr.strip().splitlines() or ["no output"])[-1].strip()
+            hint = (f" (is {index} reachable? LAB_CPU_TORCH_INDEX_URL= (empty) resolves torch from pip's "
+                    "find-links instead)") if "--extra-index-url" in args else ""
+            raise LabError(f"locking {name} failed: {detail}{hint}")
         body = _drop(raw.read_text(encoding="utf-8"), drop).replace(str(REQUIREMENTS) + "/", "requirements/")
         body = re.sub(r"#\s+-r /\S+/torch\.txt", f"#   requirements/{torch_file}", body) if torch_file else body
     header = (f"# Lock for the {name} environment: every package, exactly. Written by `make lock` from\n"

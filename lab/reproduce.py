@@ -17,7 +17,6 @@ from lab import manifest
 from lab.compare import compare, load
 from lab.errors import LabError
 from lab.recipe import Recipe
-from lab import runs
 from lab.runs import new_run, stage
 
 
@@ -60,10 +59,14 @@ def reproduce(ref: str, runtime_name: str | None = None) -> dict:
 
     run, m = load(ref)
     recipe = recipe_of(m)
-    # The resolved recipe as a file a training container can read too (runs/ is mounted there).
-    runs.RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    saved = runs.RUNS_DIR.resolve() / f".reproduce-{run.name}.yaml"
-    saved.write_text(yaml.safe_dump(m["recipe"]["resolved"], sort_keys=False, allow_unicode=True), encoding="utf-8")
+    # The resolved recipe as a file beside its source, so its dataset paths resolve as they did
+    # (and a training container sees it: recipes/ is mounted there). Removed when done.
+    saved = Path(recipe.source).parent / f".reproduce-{run.name}.yaml"
+    try:
+        saved.write_text(yaml.safe_dump(m["recipe"]["resolved"], sort_keys=False, allow_unicode=True),
+                         encoding="utf-8")
+    except OSError as e:
+        raise LabError(f"cannot write the run's recipe beside its source {recipe.source}: {e.strerror}") from None
     try:
         runtime = choose(runtime_name, recipe.backend, ["--recipe", str(saved), "--hw", recipe.backend, "--set", ""])
         print(f"reproduce: {run.name}: recipe {recipe.name} sha256 {recipe.sha256()[:12]}; checking inputs "

@@ -32,7 +32,8 @@ def state_file() -> Path:
 def serve_python() -> str:
     python = os.environ.get("LAB_SERVE_PYTHON") or str(ROOT / ".venv" / "serve" / "bin" / "python")
     if not Path(python).is_file():
-        raise LabError(f"vLLM environment not found at {python}; run `make setup` (or set LAB_SERVE_PYTHON)")
+        raise LabError(f"vLLM environment not found at {python}; run `make setup`, or set LAB_SERVE_PYTHON to "
+                       "a vLLM install's Python (ROCm: RUNTIME=docker serves from the vLLM ROCm image)")
     return python
 
 

@@ -86,7 +86,7 @@ def test_e2e_in_containers(images, tmp_path):
     again = json.loads(((runs_dir / "latest").resolve() / "manifest.json").read_text())
     assert again["reproduces"] == run.name and again["environment"]["container"]["image"] == "lab-train:cpu"
     assert again["merged"]["weights_sha256"] == manifest["merged"]["weights_sha256"]
-    assert not [p for p in runs_dir.iterdir() if p.name.startswith(".reproduce-")]
+    assert not list((ROOT / "recipes").glob(".reproduce-*"))
 
 
 def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
