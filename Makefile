@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock doctor images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -11,6 +11,9 @@ PORT    ?=
 Q       ?= Who are you?
 BASE_URL ?=
 RESUME  ?=
+# GPUS=N: N training processes through accelerate launch; DIST=ddp|fsdp2|zero3|<accelerate config>
+GPUS    ?=
+DIST    ?= ddp
 A       ?=
 B       ?=
 # local: train and serve on this host; docker: in the images of compose.yaml; empty: $LAB_RUNTIME,
@@ -81,11 +84,14 @@ lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing t
 images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
 	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
+doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, the defaults HW= picks
+	$(LAB) doctor --hw $(HW)
+
 fixture: setup  ## build the embedded tiny model (cached by content hash)
 	$(LAB) fixture
 
-train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion"
-	$(LAB) train $(RECIPE_ARGS) $(RUN_ARG) $(RT_ARG) $(if $(RESUME),--resume)
+train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
+	$(LAB) train $(RECIPE_ARGS) $(RUN_ARG) $(RT_ARG) $(if $(RESUME),--resume) $(if $(GPUS),--gpus $(GPUS) --dist $(DIST))
 
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
 	$(LAB) merge $(RUN_ARG) $(RT_ARG)

@@ -48,9 +48,15 @@ def cmd_fixture(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from lab import manifest
+    from lab.launch import config_file, is_main_process
     from lab.recipe import load_saved
     from lab.runs import find_run, new_run, run_dir, stage
 
+    if args.gpus < 1:
+        raise LabError(f"GPUS={args.gpus}: give a number of processes, 1 or more")
+    if args.gpus > 1:
+        config_file(args.dist)  # before a run directory exists
     if args.resume:
         run = find_run(args.run)
         recipe = load_saved(run)
@@ -59,13 +65,18 @@ def cmd_train(args) -> int:
         recipe = _recipe(args, check_train=True)
         run = run_dir(args.run) if args.run else new_run(recipe.name)
     runtime = _runtime(args, recipe)
-    with stage(run, "train"):
+    if not is_main_process():  # one of N processes under accelerate launch: the launcher times it
         runtime.train(recipe, run, resume=args.resume)
+        return 0
+    with stage(run, "train"):
+        runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist)
+    manifest.update(run)  # picks up the stage's time
     print(f"lab: run directory {run}")
     return 0
 
 
 def cmd_merge(args) -> int:
+    from lab import manifest
     from lab.recipe import load_saved
     from lab.runs import find_run, stage
     from lab.runtime import choose
@@ -75,6 +86,7 @@ def cmd_merge(args) -> int:
     runtime = choose(args.runtime, recipe.backend, [])
     with stage(run, "merge"):
         runtime.merge(run)
+    manifest.update(run)  # picks up the stage's time
     return 0
 
 
@@ -176,6 +188,24 @@ def cmd_e2e(args) -> int:
     return 0 if e2e(recipe, _port(args), _runtime(args, recipe)) else 1
 
 
+def cmd_doctor(args) -> int:
+    from lab.hardware import doctor
+
+    seen = doctor(args.hw)
+    if args.json:
+        print(json.dumps(seen, indent=2))
+        return 0
+    devices = "; ".join(f"{d['name']} ({d['arch']}, {d['memory_gib']} GiB)" for d in seen["devices"]) or "none"
+    print(f"backend:   {seen['backend']} (torch {seen.get('torch', 'not installed')}, "
+          f"CUDA {seen.get('torch_cuda') or '-'}, HIP {seen.get('torch_hip') or '-'}, driver {seen.get('driver') or '-'})")
+    print(f"devices:   {len(seen['devices'])}: {devices}")
+    print(f"cpu:       {seen['cpu']}, {seen['cpu_count']} cores, {seen['memory_gib']} GiB")
+    print("attention: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["attention"].items()))
+    print("kernels:   " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["kernels"].items()) or "-"))
+    print(f"defaults:  {json.dumps(seen['defaults'])}")
+    return 0
+
+
 def cmd_images(args) -> int:
     """Build the training and serving images of one hardware from compose.yaml."""
     from lab import containers
@@ -251,6 +281,7 @@ COMMANDS = {
     "probe": (cmd_probe, "identity and control questions against a server"),
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
+    "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks"),
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
     "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
@@ -280,12 +311,18 @@ def make_parser() -> argparse.ArgumentParser:
         if name in ("ask", "probe"):
             p.add_argument("--base-url", default=None, help="any OpenAI-compatible server (default: the lab's)")
     sub.choices["fixture"].add_argument("--force", action="store_true", help="rebuild even if cached")
+    sub.choices["train"].add_argument("--gpus", type=int, default=1, help="processes, one per device, through "
+                                                                          "accelerate launch (CPU: gloo)")
+    sub.choices["train"].add_argument("--dist", default="ddp", help="ddp|fsdp2|zero3 (recipes/accelerate/) or an "
+                                                                    "accelerate config file")
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
     sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")
     sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
     sub.choices["compare"].add_argument("b", help="the run to compare with it")
+    sub.choices["doctor"].add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+    sub.choices["doctor"].add_argument("--json", action="store_true", help="print it as JSON")
     sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")
     sub.choices["lock"].add_argument("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
@@ -309,3 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lab doctor --json | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0

@@ -39,3 +39,38 @@ def resolve_backend(hw: str) -> str:
     if backend not in BACKENDS:
         raise LabError(f"HW={hw!r} is not one of auto, {', '.join(BACKENDS)}")
     return backend
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def doctor(hw: str = "auto") -> dict:
+    """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it."""
+    from lab.manifest import hardware
+
+    backend = resolve_backend(hw)
+    seen = hardware(backend)
+    attention, kernels = {"eager": True}, {}
+    try:
+        import torch
+    except ImportError:  # a host that only drives containers
+        torch = None
+    if torch is not None:
+        gpu = torch.cuda.is_available()
+        seen["torch"] = torch.__version__
+        seen["bf16"] = bool(gpu and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
+        attention["sdpa"] = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+        attention["flex_attention"] = _installed("torch.nn.attention.flex_attention")
+        try:
+            from transformers.utils import is_flash_attn_2_available
+
+            attention["flash_attention_2"] = bool(gpu and is_flash_attn_2_available())
+        except ImportError:
+            attention["flash_attention_2"] = False
+        # Liger's kernels are Triton programs: a GPU (CUDA or ROCm) and the package.
+        kernels["liger_kernel"] = bool(gpu and _installed("liger_kernel"))
+        kernels["triton"] = bool(gpu and _installed("triton"))
+    return {**seen, "attention": attention, "kernels": kernels, "defaults": DEFAULTS[backend]}

@@ -89,21 +89,18 @@ def _compile(name: str, spec: dict, out: Path) -> None:
     drop = spec.get("drop", [])
     index = os.environ.get("LAB_CPU_TORCH_INDEX_URL", CPU_TORCH_INDEX)
     with tempfile.TemporaryDirectory() as tmp:
-        if torch_file := spec.get("torch"):
-            (torch_pin,) = read_pins(REQUIREMENTS / torch_file).items()
-            if "torch" in drop:
-                # Its index cannot be assumed reachable: resolve against PyPI's torch of the same
-                # release; the dropped torch (and its runtime) comes from the torch file itself.
-                pin = f"torch=={torch_pin[1].split('+')[0]}"
-            else:
-                pin = f"torch=={torch_pin[1]}"
-                args += ["--extra-index-url", index] if index else []
-                # pip's find-links may hold that wheel (offline hosts). Only here: a local
-                # torch-X+cpu would outrank PyPI's CUDA torch-X in the other locks.
-                for links in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
-                    args += ["--find-links", links]
-            (Path(tmp) / "torch.txt").write_text(pin + "\n")
-            inputs.append(str(Path(tmp) / "torch.txt"))
+        if (torch_file := spec.get("torch")) and "torch" in drop:
+            # Its index cannot be assumed reachable: resolve against PyPI's torch of the same
+            # release (a constraint); the dropped torch (and its runtime) comes from the torch file.
+            (torch_pin,) = read_pins(REQUIREMENTS / torch_file).values()
+            (Path(tmp) / "torch.txt").write_text(f"torch=={torch_pin.split('+')[0]}\n")
+            args += ["--constraint", str(Path(tmp) / "torch.txt")]
+        elif torch_file:
+            # The pins name the same torch build; it comes from its own index or pip's find-links
+            # (offline hosts). Only here: a local torch-X+cpu would outrank PyPI's CUDA torch-X.
+            args += ["--extra-index-url", index] if index else []
+            for links in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
+                args += ["--find-links", links]
         raw = Path(tmp) / "out.txt"
         if out.is_file():  # the current lock as preferences: nothing moves unless it must
             shutil.copy(out, raw)
@@ -115,7 +112,6 @@ def _compile(name: str, spec: dict, out: Path) -> None:
                     "find-links instead)") if "--extra-index-url" in args else ""
             raise LabError(f"locking {name} failed: {detail}{hint}")
         body = _drop(raw.read_text(encoding="utf-8"), drop).replace(str(REQUIREMENTS) + "/", "requirements/")
-        body = re.sub(r"#\s+-r /\S+/torch\.txt", f"#   requirements/{torch_file}", body) if torch_file else body
     header = (f"# Lock for the {name} environment: every package, exactly. Written by `make lock` from\n"
               f"# requirements/{spec['pins']} (requirements/locks.yaml); do not edit by hand.\n"
               f"# Python {spec['python']}{' and up, any platform' if spec.get('universal') else ', ' + PLATFORM}."

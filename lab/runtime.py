@@ -25,13 +25,23 @@ CONTAINER_UID = 1000  # the images' default user (docker/*.Dockerfile, LAB_UID)
 class Local:
     name = "local"
 
+    def __init__(self, recipe_argv: list[str] | None = None):
+        self.recipe_argv = list(recipe_argv or [])
+
     def base_model(self, recipe: Recipe, model: str | None = None) -> str:
         from lab.train import resolve_model
 
         return resolve_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": model})})
                              if model else recipe)
 
-    def train(self, recipe: Recipe, run: Path, resume: bool = False) -> None:
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
+        if gpus > 1:  # the same `lab train`, once per device, under accelerate launch
+            from lab.launch import launch
+
+            self.base_model(recipe)  # build or download it once, not in every process
+            launch([*self.recipe_argv, "--run", str(run), "--runtime", "local", *(["--resume"] if resume else [])],
+                   gpus, dist, run / "train.log")
+            return
         from lab.train import train
 
         train(recipe, run, resume=resume)
@@ -119,9 +129,10 @@ class Docker:
         finally:
             out.unlink(missing_ok=True)
 
-    def train(self, recipe: Recipe, run: Path, resume: bool = False) -> None:
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
         self._writable(run)
-        self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run), *(["--resume"] if resume else []),
+        self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
+                 *(["--resume"] if resume else []), *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 else []),
                  log=run / "train.log")
 
     def merge(self, run: Path) -> Path:
@@ -175,4 +186,4 @@ def choose(name: str, backend: str, recipe_argv: list[str]):
         from lab.containers import engine_available
 
         name = "docker" if engine_available() else "local"
-    return Docker(backend, recipe_argv) if name == "docker" else Local()
+    return Docker(backend, recipe_argv) if name == "docker" else Local(recipe_argv)

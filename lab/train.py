@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.hardware import DEFAULTS as HW_DEFAULTS
+from lab.launch import is_main_process
 from lab.recipe import EMBEDDED, Recipe
 from lab.runs import write_json
 
@@ -71,12 +72,15 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     for key, value in HW_DEFAULTS[recipe.backend]["env"].items():  # before torch initialises the device
         os.environ.setdefault(key, value)
 
+    # Under accelerate launch every process builds the same examples; rank 0 alone writes files.
+    main = is_main_process()
     examples, sources = build_examples(recipe)
-    write_examples(examples, run / "data" / "train.jsonl")
-    for s in sources:
-        print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
-    print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
-    (run / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    if main:
+        write_examples(examples, run / "data" / "train.jsonl")
+        for s in sources:
+            print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
+        print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
+        (run / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
 
     checkpoints = run / "checkpoints"
     if resume and not any(checkpoints.glob("checkpoint-*")):
@@ -109,11 +113,14 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
                          processing_class=tokenizer, peft_config=peft_config(recipe))
     trained_tokens = check_trained_tokens(trainer, len(examples))
-    write_json(run / "parity.json", parity_sample(trainer, examples))
+    if main:
+        write_json(run / "parity.json", parity_sample(trainer, examples))
 
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     out = run / ("adapter" if recipe.method == "lora" else "model")
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; rank 0 writes
+    if not main:
+        return out
     history = trainer.state.log_history
     with (run / "metrics.jsonl").open("w", encoding="utf-8") as f:
         for entry in history:
@@ -133,11 +140,16 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                 "resolved": recipe.model_dump(mode="json", exclude={"source"})},
         datasets=[{**s, "file_sha256": manifest.sha256_file(Path(s["path"])) if Path(s["path"]).is_file() else None}
                   for s in sources],
+        # A hub download lives in .../snapshots/<commit>/: that commit pins what "main" meant then.
         base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
+                    "commit": Path(base).name if Path(base).parent.name == "snapshots" else None,
                     "weights_sha256": manifest.weights_sha256(base)},
         output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
         seeds={"seed": recipe.seed, "data_seed": args.data_seed, "deterministic": recipe.deterministic,
                "full_determinism": args.full_determinism, "torch_threads": torch.get_num_threads()},
+        # what accelerate actually ran (on CPU an FSDP or ZeRO config still runs as multi-CPU DDP)
+        distributed={"processes": trainer.args.world_size, "accelerate_config": os.environ.get("LAB_DIST"),
+                     "type": str(trainer.accelerator.distributed_type).split(".")[-1]},
         environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )

@@ -44,5 +44,19 @@ def test_stop_without_server_is_fine(runs_dir):
 
 def test_help_lists_every_stage():
     r = run_lab("--help", timeout=60)
-    for cmd in ("fixture", "train", "merge", "serve", "stop", "ask", "probe", "e2e", "report", "resolve", "images"):
+    for cmd in ("fixture", "train", "merge", "serve", "stop", "ask", "probe", "e2e", "report", "resolve", "images",
+                "doctor", "lock", "compare", "reproduce"):
         assert cmd in r.stdout
+
+
+def test_doctor_reports_what_this_host_has():
+    import json
+
+    r = run_lab("doctor", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["backend"] == "cpu" and seen["devices"] == [] and seen["cpu_count"] >= 1
+    assert seen["attention"]["sdpa"] is True and seen["attention"]["flash_attention_2"] is False
+    assert seen["defaults"]["train"]["use_cpu"] is True
+    r = run_lab("doctor", "--hw", "tpu", timeout=60)
+    assert r.returncode == 2 and "HW='tpu'" in r.stderr and "Traceback" not in r.stderr
