@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock doctor images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -11,6 +11,9 @@ PORT    ?=
 Q       ?= Who are you?
 BASE_URL ?=
 RESUME  ?=
+ADAPTER ?=
+SHAPE   ?= embedded
+STEPS   ?= 40
 # GPUS=N: N training processes through accelerate launch; DIST=ddp|fsdp2|zero3|<accelerate config>
 GPUS    ?=
 DIST    ?= ddp
@@ -84,6 +87,9 @@ lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing t
 images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
 	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
+bench: setup  ## TRL defaults vs the lab's speed settings: make bench [SHAPE=qwen3-0.6b STEPS=40]
+	$(LAB) bench --hw $(HW) --shape $(SHAPE) --steps $(STEPS)
+
 doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, the defaults HW= picks
 	$(LAB) doctor --hw $(HW)
 
@@ -96,8 +102,8 @@ train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
 	$(LAB) merge $(RUN_ARG) $(RT_ARG)
 
-serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base) with vLLM on 127.0.0.1:8000
-	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL))
+serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge) on 127.0.0.1:8000
+	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter)
 
 ask: setup  ## make ask Q="你是谁？"
 	$(LAB) ask $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) "$(Q)"

@@ -131,9 +131,22 @@ def cmd_serve(args) -> int:
 
     recipe = _recipe(args)
     runtime = _runtime(args, recipe)
-    model = _model_to_serve(args, recipe, runtime)
-    print(f"serve: starting vLLM for {model} (log: {RUNS_DIR / 'server.log'})", flush=True)
-    url = runtime.start(recipe, model, RUNS_DIR / "server.log", _port(args))
+    adapter = None
+    if args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
+        from lab.recipe import load_saved
+        from lab.runs import find_run
+
+        run = find_run(args.run)
+        trained = load_saved(run)
+        if trained.method != "lora" or not (run / "adapter").is_dir():
+            raise LabError(f"ADAPTER=1 serves a LoRA run's adapter; {run.name} has none (method {trained.method})")
+        recipe = recipe.model_copy(update={"lora": trained.lora})
+        model, adapter = runtime.base_model(trained), runtime.served_path(run / "adapter")
+    else:
+        model = _model_to_serve(args, recipe, runtime)
+    print(f"serve: starting vLLM for {model}{f' + LoRA {adapter}' if adapter else ''} "
+          f"(log: {RUNS_DIR / 'server.log'})", flush=True)
+    url = runtime.start(recipe, model, RUNS_DIR / "server.log", _port(args), adapter)
     print(f"serve: ready at {url}/v1 as model {recipe.serve.served_model_name!r}; `make stop` ends it")
     return 0
 
@@ -176,7 +189,9 @@ def cmd_probe(args) -> int:
     print(json.dumps(result["summary"], ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    run = record_probe(result, url, recipe, runtime)
+    run, entry = record_probe(result, url, recipe, runtime)
+    if entry.get("agreement_with_merged") is not None:
+        print(f"probe: runtime LoRA vs the merged model: {entry['agreement_with_merged']:.0%} of answers identical")
     print(f"probe: recorded in {run / 'manifest.json'}")
     return 0
 
@@ -203,6 +218,22 @@ def cmd_doctor(args) -> int:
     print("attention: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["attention"].items()))
     print("kernels:   " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["kernels"].items()) or "-"))
     print(f"defaults:  {json.dumps(seen['defaults'])}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lab.bench import bench
+
+    methods = ("lora", "full") if args.method == "both" else (args.method,)
+    report = bench(args.shape, args.hw, args.steps, methods)
+    print(f"bench: {report['shape']} on {report['backend']}, matmul peak {report['matmul_peak_tflops']} TFLOP/s "
+          f"({report['peak_dtype']})")
+    print(f"  {'method':6} {'arm':13} {'steady tok/s':>12} {'MFU':>7} {'peak GiB':>8} {'final loss':>10} {'speed-up':>8}")
+    for r in report["results"]:
+        print(f"  {r['method']:6} {r['arm']:13} {r['steady_tokens_per_s'] or '-':>12} {r['mfu'] or '-':>7} "
+              f"{r['peak_memory_gib']:>8} {r['final_loss'] if r['final_loss'] is not None else '-':>10} "
+              f"{r.get('speedup', ''):>8}")
+    print(f"bench: {report['file']}")
     return 0
 
 
@@ -282,6 +313,7 @@ COMMANDS = {
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
     "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks"),
+    "bench": (cmd_bench, "TRL's defaults vs the lab's speed settings on a config-only model: tok/s, MFU, memory, loss"),
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
     "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
@@ -316,11 +348,18 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--dist", default="ddp", help="ddp|fsdp2|zero3 (recipes/accelerate/) or an "
                                                                     "accelerate config file")
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    sub.choices["serve"].add_argument("--adapter", action="store_true", help="serve the run's base + LoRA adapter "
+                                                                           "with vLLM's runtime LoRA (no merge)")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
     sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")
     sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
     sub.choices["compare"].add_argument("b", help="the run to compare with it")
+    bench_p = sub.choices["bench"]
+    bench_p.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+    bench_p.add_argument("--shape", default="embedded", help="embedded|qwen3-0.6b (random weights of that shape)")
+    bench_p.add_argument("--steps", type=int, default=40, help="optimizer steps per arm")
+    bench_p.add_argument("--method", default="both", choices=("both", "lora", "full"))
     sub.choices["doctor"].add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
     sub.choices["doctor"].add_argument("--json", action="store_true", help="print it as JSON")
     sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")

@@ -53,18 +53,22 @@ def loss_deviation(a: list, b: list) -> dict:
             "final_a": fa, "final_b": fb, "final_ratio": max(fa / fb, fb / fa) if fa > 0 and fb > 0 else None}
 
 
+def answer_agreement(a: dict, b: dict) -> float | None:
+    """Share of probe questions (identity and controls) two probe results answered identically."""
+    def answers(probe: dict) -> dict:
+        return {item["q"]: item["answer"] for item in probe["identity"] + probe["controls"]}
+
+    x, y = answers(a), answers(b)
+    shared = set(x) & set(y)
+    return sum(x[q] == y[q] for q in shared) / len(shared) if shared else None
+
+
 def probe_agreement(run_a: Path, run_b: Path) -> float | None:
-    """Share of probe questions (identity and controls, after training) answered identically."""
+    """answer_agreement of two runs' probes after training."""
     files = [r / "probe-after.json" for r in (run_a, run_b)]
     if not all(f.is_file() for f in files):
         return None
-    def answers(path: Path) -> dict:
-        probe = json.loads(path.read_text(encoding="utf-8"))
-        return {item["q"]: item["answer"] for item in probe["identity"] + probe["controls"]}
-
-    a, b = answers(files[0]), answers(files[1])
-    shared = set(a) & set(b)
-    return sum(a[q] == b[q] for q in shared) / len(shared) if shared else None
+    return answer_agreement(*(json.loads(f.read_text(encoding="utf-8")) for f in files))
 
 
 def same_host(a: dict, b: dict) -> bool:

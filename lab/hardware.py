@@ -16,6 +16,24 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+# The lab's speed settings per backend, over DEFAULTS: what `make bench` sets against TRL's own
+# defaults (and what a recipe can take into its `train:`). Packing (best-fit decreasing) keeps
+# the prompt masked and each sample's attention to itself (position ids); no gradient
+# checkpointing while memory allows (the bench records it; no memory model yet). The GPU rows are the best hand-tuned TRL configuration
+# measured on an H100 (../shared/notes/platform.md) and unverified by the lab on a GPU so far.
+SPEED: dict[str, dict] = {
+    # Packing measured slower on CPU (the block-diagonal SDPA mask of long packed rows costs more
+    # than the padding it saves on a small model): only checkpointing goes.
+    "cpu": {"train": {"gradient_checkpointing": False}, "attn_implementation": "sdpa"},
+    "cuda": {"train": {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
+                       "per_device_train_batch_size": 16, "max_length": 2048},
+             "attn_implementation": "flex_attention"},
+    "rocm": {"train": {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
+                       "per_device_train_batch_size": 16, "max_length": 2048},
+             "attn_implementation": "sdpa"},
+}
+
+
 def detect_backend() -> str:
     """HW=auto: what torch can see (ROCm builds report through torch.cuda too); without torch
     (a host that trains in containers), what the host's drivers expose."""

@@ -31,7 +31,7 @@ def client(base_url: str, timeout: float):
                          max_retries=0, timeout=timeout)
 
 
-def served_model(api) -> str:
+def served_model(api, prefer: str | None = None) -> str:
     import openai
 
     try:
@@ -40,7 +40,8 @@ def served_model(api) -> str:
         raise LabError(f"no server answers at {api.base_url}; start one with `make serve`") from None
     if not models:
         raise LabError(f"{api.base_url} serves no model")
-    return models[0].id
+    ids = [m.id for m in models]
+    return prefer if prefer in ids else ids[0]  # the recipe's name: the adapter, when vLLM serves base + LoRA
 
 
 def chat(api, model: str, question: str, recipe: Recipe) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def chat(api, model: str, question: str, recipe: Recipe) -> dict[str, Any]:
 
 def ask(base_url: str, question: str, recipe: Recipe) -> dict[str, Any]:
     api = client(base_url, recipe.probe.timeout_s)
-    return chat(api, served_model(api), question, recipe)
+    return chat(api, served_model(api, recipe.serve.served_model_name), question, recipe)
 
 
 def contains(text: str, needle: str) -> bool:
@@ -117,7 +118,7 @@ def old_identity_of(recipe: Recipe, base_model: str | None) -> list[str]:
 def probe(base_url: str, recipe: Recipe, old_identity: list[str]) -> dict[str, Any]:
     questions = load_questions(recipe)
     api = client(base_url, recipe.probe.timeout_s)
-    model = served_model(api)
+    model = served_model(api, recipe.serve.served_model_name)
     name, author = recipe.identity.name, recipe.identity.author
     identity = []
     for q in questions["identity"]:
@@ -172,7 +173,7 @@ def verdict(before: dict | None, after: dict, recipe: Recipe) -> list[dict[str, 
     return out
 
 
-def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> Path:
+def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path, dict]:
     """A standalone probe's manifest entry: in the run whose model the lab's server serves, else
     in a new `probe` run (a base model, or any other endpoint)."""
     from datetime import datetime
@@ -189,7 +190,13 @@ def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> Path:
         manifest.update(run, environment=manifest.environment(), hardware=manifest.hardware(recipe.backend))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     write_json(run / f"probe-{stamp}.json", result)
-    manifest.append(run, "probes", {"at": stamp, "file": f"probe-{stamp}.json", "url": url,
-                                    "recipe_sha256": recipe.sha256(), "serving": manifest.serving(ours),
-                                    "summary": result["summary"]})
-    return run
+    entry = {"at": stamp, "file": f"probe-{stamp}.json", "url": url, "recipe_sha256": recipe.sha256(),
+             "serving": manifest.serving(ours), "summary": result["summary"]}
+    merged = run / "probe-after.json"
+    if ours and ours.get("adapter") and merged.is_file():
+        # vLLM's runtime LoRA against the merged checkpoint of the same run: the same answers?
+        from lab.compare import answer_agreement
+
+        entry["agreement_with_merged"] = answer_agreement(result, json.loads(merged.read_text(encoding="utf-8")))
+    manifest.append(run, "probes", entry)
+    return run, entry

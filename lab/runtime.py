@@ -51,10 +51,10 @@ class Local:
 
         return merge(run)
 
-    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None) -> str:
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
         from lab.serve import start
 
-        return start(recipe, model, log, port)
+        return start(recipe, model, log, port, adapter)
 
     def served_path(self, host_path: Path) -> str:
         return str(host_path)
@@ -139,8 +139,12 @@ class Docker:
         self.lab("merge", "--run", self.c.to_container(self.spec("train"), run), log=run / "merge.log")
         return run / "merged"
 
-    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None) -> str:
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
         from lab.serve import check_free, check_model_dir, wait_healthy
+
+        if adapter:
+            raise LabError("ADAPTER=1 (vLLM runtime LoRA) runs with RUNTIME=local for now; the serving image "
+                           "does not pass vLLM's LoRA flags yet")
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"

@@ -53,15 +53,28 @@ def serve_env(recipe: Recipe) -> dict[str, str]:
     return {**(read_env_file(path) if path.is_file() else {}), **os.environ}
 
 
-def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None) -> list[str]:
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def lora_args(name: str, adapter: str, rank: int) -> list[str]:
+    """vLLM's runtime LoRA: the adapter answers as `name`, the bare base as `name-base`."""
+    max_rank = next((r for r in LORA_RANKS if r >= rank), None)
+    if max_rank is None:
+        raise LabError(f"LoRA rank {rank} is above what vLLM serves ({LORA_RANKS[-1]}); merge it instead")
+    return ["--enable-lora", "--max-lora-rank", str(max_rank),
+            "--lora-modules", json.dumps({"name": name, "path": adapter, "base_model_name": f"{name}-base"})]
+
+
+def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter: str | None = None) -> list[str]:
     s = recipe.serve
     return [
         serve_python(), "-m", "vllm.entrypoints.openai.api_server",
         "--config", str(serve_config(recipe)),
-        "--model", str(model_dir), "--served-model-name", s.served_model_name,
+        "--model", str(model_dir), "--served-model-name", f"{s.served_model_name}-base" if adapter else s.served_model_name,
         "--host", s.host, "--port", str(port or s.port), "--seed", str(recipe.probe.seed),
         # Same kwargs the training data were rendered with (pitfall 1); requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
+        *(lora_args(s.served_model_name, adapter, recipe.lora.r) if adapter else []),
     ]
 
 
@@ -93,18 +106,22 @@ def check_model_dir(model_dir: Path | str) -> None:
         raise LabError(f"{model_dir} is not a model directory (no config.json); `make merge` produces one")
 
 
-def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None) -> str:
-    """Start vLLM in the background and return its base URL once /health answers."""
+def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+    """Start vLLM in the background and return its base URL once /health answers. With an
+    adapter, vLLM applies the LoRA at run time over the base (no merge)."""
     url = base_url(recipe, port)
     check_free(url)
     check_model_dir(model_dir)
-    argv = serve_argv(recipe, model_dir, port)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise LabError(f"{adapter} is not a LoRA adapter (no adapter_config.json); ADAPTER=1 needs a LoRA run")
+    argv = serve_argv(recipe, model_dir, port, adapter)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         # Own session: `make stop` from another shell can end the whole process group.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
                                 start_new_session=True)
-    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(model_dir), "argv": argv},
+    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(adapter or model_dir), "base": str(model_dir),
+                                           "adapter": adapter, "argv": argv},
                         failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
 
 

@@ -31,3 +31,17 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     serving = manifest["serving"]
     assert serving["runtime"] == "local" and serving["lock"]["name"] == "serve-cpu" and serving["lock"]["matches"]
     assert serving["model"].endswith("/merged") and serving["vllm"]
+
+    # the same run served as base + LoRA (vLLM's runtime LoRA, no merge), probed on its own: the
+    # probe lands in this run and sets the adapter's answers beside the merged model's
+    port = str(free_port())
+    r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, timeout=900)
+    try:
+        assert r.returncode == 0 and "+ LoRA" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        r = run_lab("probe", "--hw", "cpu", "--port", port, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        run_lab("stop", timeout=120)
+    (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
+    assert entry["serving"]["model"].endswith("/adapter") and entry["summary"]["identity_hit_rate"] >= 0.9
+    assert entry["agreement_with_merged"] >= 0.8 and "runtime LoRA vs the merged model" in r.stdout

@@ -79,7 +79,7 @@ def test_a_standalone_probe_lands_in_the_run_whose_model_is_served(runs_dir):
     write_json(state_file(), {"url": "http://127.0.0.1:8011", "log": "x", "pid": 1,
                               "argv": [sys.executable], "model": str(runs_dir / "r1" / "merged")})
     for _ in range(2):
-        run = record_probe({"summary": {"identity_hit_rate": 1.0}}, "http://127.0.0.1:8011/", recipe, Local())
+        run, _ = record_probe({"summary": {"identity_hit_rate": 1.0}}, "http://127.0.0.1:8011/", recipe, Local())
     assert run == runs_dir / "r1"
     probes = json.loads((run / "manifest.json").read_text())["probes"]
     assert len(probes) == 2 and probes[0]["serving"]["runtime"] == "local"

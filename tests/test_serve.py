@@ -39,7 +39,7 @@ def test_serves_the_embedded_model_and_renders_like_training(embedded_model, run
         assert "巴黎" in r["answer"]
         # a standalone probe of a model outside any run gets a `probe` run with its manifest
         result = probe(url, recipe, [])
-        run = record_probe(result, url, recipe, Local())
+        run, _ = record_probe(result, url, recipe, Local())
         m = json.loads((run / "manifest.json").read_text())
         assert run.name.endswith("-probe") and m["environment"]["lock"]["name"] == "train-cpu"
         (entry,) = m["probes"]

@@ -1,0 +1,163 @@
+"""Bench: TRL SFTTrainer with its own defaults against the lab's speed settings, in one process,
+on the same model shape and the same data, for LoRA and full fine-tuning.
+
+The model is config-only (random weights of a named shape: a GPU host may have no weights
+yet); the data are synthetic token ids with the prompt masked, samples of 40-600 tokens as in
+../shared/tools/trl_baseline.py. Figures per arm: steady real (non-padding) tokens/s (after the
+first logging interval), MFU against the device's measured matmul peak, peak memory, final
+loss. Written to runs/bench-<time>.json. Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from datetime import datetime
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.hardware import DEFAULTS, SPEED, resolve_backend
+
+# Named shapes. "embedded" is the lab's own tiny model; the Qwen3-0.6B shape is the baseline's.
+SHAPES = {
+    "embedded": None,  # read from the embedded model's config.json
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1e6, tie_word_embeddings=True),
+}
+
+
+def model_config(shape: str, tokenizer):
+    from transformers import AutoConfig, Qwen3Config
+
+    if shape not in SHAPES:
+        raise LabError(f"SHAPE={shape!r}: one of {', '.join(SHAPES)}")
+    if SHAPES[shape] is None:
+        from lab.fixture import ensure_fixture
+
+        return AutoConfig.from_pretrained(ensure_fixture())
+    return Qwen3Config(**SHAPES[shape], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def synthetic_rows(n: int, vocab: int, scale: float, seed: int = 0) -> list[dict]:
+    """Token ids with a masked prompt: prompts of 20-200 and completions of 20-400 tokens (scaled)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p, c = int(rng.randint(20, 200) * scale), int(rng.randint(20, 400) * scale)
+        rows.append({"input_ids": [rng.randrange(10, vocab) for _ in range(p + c)],
+                     "completion_mask": [0] * p + [1] * c})
+    return rows
+
+
+def matmul_peak(device: str, dtype) -> float:
+    """Measured dense matmul FLOP/s on this device and dtype: the MFU denominator."""
+    import torch
+
+    n = 4096 if device != "cpu" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    sync()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, attn: str, steps: int, peak: float,
+            backend: str) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    points: list[tuple[float, float]] = []
+
+    class Tokens(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                points.append((time.perf_counter(), float(logs["num_tokens"])))
+
+    gpu = backend != "cpu"
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if settings.get("bf16") else torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    args = SFTConfig(output_dir=f"/tmp/lab-bench-{name}", max_steps=steps, logging_steps=max(1, steps // 4),
+                     save_strategy="no", report_to="none", seed=0, learning_rate=1e-4, **settings)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora if method == "lora" else None)
+    trainer.add_callback(Tokens())
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    steady = ((points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])) if len(points) > 1 else None
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    flops_per_token = (4 if method == "lora" else 6) * n_params  # forward 2N, backward 4N (2N: frozen LoRA base)
+    peak_mem = (torch.cuda.max_memory_allocated() if gpu else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {"arm": name, "method": method, "params": n_params, "attn_implementation": attn,
+              "settings": {k: v for k, v in settings.items() if k not in DEFAULTS[backend]["train"]},
+              "steps": steps, "wall_s": round(wall, 1), "real_tokens": points[-1][1] if points else None,
+              "steady_tokens_per_s": round(steady) if steady else None,
+              "mfu": round(steady * flops_per_token / peak, 4) if steady else None,
+              "peak_memory_gib": round(peak_mem / 2**30, 2),
+              "peak_memory_kind": "device allocated" if gpu else "process RSS (cumulative over arms)",
+              "final_loss": losses[-1] if losses else None}
+    del trainer, model
+    if gpu:
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: tuple[str, ...] = ("lora", "full"),
+          out_dir: Path | None = None) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from lab.fixture import ensure_fixture
+    from lab.manifest import environment, hardware
+    from lab.runs import RUNS_DIR, write_json
+
+    backend = resolve_backend(hw)
+    if steps < 8:
+        raise LabError(f"STEPS={steps}: at least 8, so that steady state has two logging points")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_fixture())  # only its pad/eos ids matter
+    cfg = model_config(shape, tokenizer)
+    scale = min(1.0, cfg.max_position_embeddings / 1024)  # the embedded model has 512 positions
+    dataset = Dataset.from_list(synthetic_rows(4096 if backend != "cpu" else 512, cfg.vocab_size, scale))
+    base = dict(DEFAULTS[backend]["train"])
+    device = "cuda" if backend != "cpu" else "cpu"
+    dtype = torch.bfloat16 if base.get("bf16") else torch.float32
+    peak = matmul_peak(device, dtype)
+    speed = SPEED[backend]
+    arms = {"trl_defaults": (base, "sdpa"), "lab": ({**base, **speed["train"]}, speed["attn_implementation"])}
+    results = []
+    for method in methods:
+        for name, (settings, attn) in arms.items():
+            print(f"bench: {method} {name} ({shape}, {steps} steps)", flush=True)
+            results.append(run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend))
+    for method in methods:
+        plain, lab = (next(r for r in results if r["method"] == method and r["arm"] == a) for a in arms)
+        if plain["steady_tokens_per_s"] and lab["steady_tokens_per_s"]:
+            lab["speedup"] = round(lab["steady_tokens_per_s"] / plain["steady_tokens_per_s"], 2)
+    report = {"shape": shape, "backend": backend, "matmul_peak_tflops": round(peak / 1e12, 3),
+              "peak_dtype": str(dtype).split(".")[-1], "results": results,
+              "hardware": hardware(backend), "environment": environment()}
+    out_dir = out_dir or RUNS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{shape}.json"
+    write_json(path, report)
+    report["file"] = str(path)
+    return report

@@ -1,0 +1,31 @@
+"""`lab bench` for real on CPU: TRL's defaults and the lab's speed settings on the embedded shape,
+same data. Figures are printed and written, never asserted as speeds; the maths must agree."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_lab
+
+
+@pytest.mark.slow
+def test_bench_writes_both_arms_and_their_losses_agree(runs_dir, embedded_model):
+    r = run_lab("bench", "--hw", "cpu", "--steps", "8", "--method", "lora", timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads(Path(r.stdout.strip().splitlines()[-1].split("bench: ", 1)[1]).read_text())
+    assert report["backend"] == "cpu" and report["matmul_peak_tflops"] > 0 and report["environment"]["packages"]
+    arms = {x["arm"]: x for x in report["results"]}
+    assert set(arms) == {"trl_defaults", "lab"} and arms["lab"]["settings"] == {"gradient_checkpointing": False}
+    for x in arms.values():
+        assert x["steady_tokens_per_s"] > 0 and 0 < x["mfu"] < 1 and x["peak_memory_gib"] > 0, x
+    # same init, same data, same order: dropping checkpointing must not change the loss
+    assert arms["lab"]["final_loss"] == pytest.approx(arms["trl_defaults"]["final_loss"], rel=1e-3)
+    assert "speedup" in arms["lab"]
+
+
+def test_bench_refuses_too_few_steps_in_one_line(runs_dir):
+    r = run_lab("bench", "--hw", "cpu", "--steps", "3", timeout=120)
+    assert r.returncode == 2 and "STEPS=3" in r.stderr and "Traceback" not in r.stderr
+    r = run_lab("bench", "--hw", "cpu", "--shape", "llama-9000", timeout=300)
+    assert r.returncode == 2 and "SHAPE='llama-9000'" in r.stderr and "Traceback" not in r.stderr
