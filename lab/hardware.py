@@ -19,8 +19,8 @@ DEFAULTS: dict[str, dict] = {
 # The lab's speed settings per backend, over DEFAULTS: what `make bench` sets against TRL's own
 # defaults (and what a recipe can take into its `train:`). Packing (best-fit decreasing) keeps
 # the prompt masked and each sample's attention to itself (position ids); no gradient
-# checkpointing while memory allows (the bench records it; no memory model yet). The GPU rows are the best hand-tuned TRL configuration
-# measured on an H100 (../shared/notes/platform.md) and unverified by the lab on a GPU so far.
+# checkpointing while memory allows (no memory model yet). The GPU rows are the best hand-tuned
+# TRL configuration measured on an H100 (../shared/notes/platform.md), unverified by the lab.
 SPEED: dict[str, dict] = {
     # Packing measured slower on CPU (the block-diagonal SDPA mask of long packed rows costs more
     # than the padding it saves on a small model): only checkpointing goes.

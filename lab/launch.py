@@ -39,14 +39,15 @@ def _free_port() -> int:
 
 def launch(train_argv: list[str], processes: int, dist: str, log: Path) -> None:
     """accelerate launch -m lab train ... in `processes` processes; their output goes to `log` and here."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file(dist)),
+    config = config_file(dist)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(processes), "--main_process_port", str(_free_port()),
            "-m", "lab", "train", *train_argv]
-    print(f"train: {processes} processes through accelerate ({config_file(dist).name}); log: {log}", flush=True)
+    print(f"train: {processes} processes through accelerate ({config.name}); log: {log}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "LAB_DIST": config_file(dist).name})
+                                env={**os.environ, "LAB_DIST": config.name})
         for line in proc.stdout:
             out.write(line)
             sys.stdout.write(line)

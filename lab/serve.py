@@ -120,8 +120,8 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
         # Own session: `make stop` from another shell can end the whole process group.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
                                 start_new_session=True)
-    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(adapter or model_dir), "base": str(model_dir),
-                                           "adapter": adapter, "argv": argv},
+    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(adapter or model_dir), "adapter": adapter,
+                                           "argv": argv},
                         failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
 
 
@@ -147,6 +147,11 @@ def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> s
     return url
 
 
+def server_state() -> dict | None:
+    """The lab's server record (url, log, model, and pid + argv or container + image), if any."""
+    return json.loads(state_file().read_text()) if state_file().is_file() else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -160,11 +165,11 @@ def _alive(pid: int) -> bool:
 
 def stop(quiet: bool = False) -> bool:
     """Stop the server the lab started (its process group, or its container); True if one was."""
-    if not state_file().is_file():
+    state = server_state()
+    if state is None:
         if not quiet:
             print("stop: no lab server is running")
         return False
-    state = json.loads(state_file().read_text())
     if "container" in state:
         from lab.containers import remove_id
 
@@ -190,11 +195,6 @@ def _stop_process_group(pid: int) -> None:
             time.sleep(0.2)
         if not _alive(pid):
             return
-
-
-def server_state() -> dict | None:
-    """The lab's server record (url, log, model, and pid + argv or container + image), if any."""
-    return json.loads(state_file().read_text()) if state_file().is_file() else None
 
 
 def running_url() -> str | None:
