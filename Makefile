@@ -14,7 +14,8 @@ RESUME  ?=
 ADAPTER ?=
 SHAPE   ?= embedded
 STEPS   ?= 40
-# GPUS=N: N training processes through accelerate launch; DIST=ddp|fsdp2|zero3|<accelerate config>
+# GPUS=N: train: N processes through accelerate launch (DIST=ddp|fsdp2|zero3|<accelerate config>);
+#         serve: one model split over N GPUs (vLLM tensor parallelism)
 GPUS    ?=
 DIST    ?= ddp
 A       ?=
@@ -102,8 +103,8 @@ train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
 	$(LAB) merge $(RUN_ARG) $(RT_ARG)
 
-serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge) on 127.0.0.1:8000
-	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter)
+serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; GPUS=N: tensor parallel) on 127.0.0.1:8000
+	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter) $(if $(GPUS),--gpus $(GPUS))
 
 ask: setup  ## make ask Q="你是谁？"
 	$(LAB) ask $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) "$(Q)"

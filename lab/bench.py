@@ -1,5 +1,7 @@
-"""Bench: TRL SFTTrainer with its own defaults against the lab's speed settings, in one process,
-on the same model shape and the same data, for LoRA and full fine-tuning.
+"""Bench: three arms of TRL SFTTrainer in one process, on the same model shape and the same data,
+for LoRA and full fine-tuning: TRL's own defaults; the best hand-tuned TRL configuration (packing,
+no checkpointing, Liger and flex_attention where usable, 16 x 2048: ../shared/notes/platform.md);
+and the lab's speed plan (lab/speed.py, what `lab train` applies), for the same effective batch.
 
 The model is config-only (random weights of a named shape: a GPU host may have no weights
 yet); the data are synthetic token ids with the prompt masked, samples of 40-600 tokens as in
@@ -18,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.hardware import DEFAULTS, SPEED, resolve_backend
+from lab.hardware import DEFAULTS, attention_usable, kernel_usable, resolve_backend
 
 # Named shapes. "embedded" is the lab's own tiny model; the Qwen3-0.6B shape is the baseline's.
 SHAPES = {
@@ -70,6 +72,31 @@ def matmul_peak(device: str, dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def arms(backend: str, method: str, cfg, lengths: list[int], base: dict) -> dict[str, tuple[dict, str, dict | None]]:
+    """name -> (SFTConfig settings, attn_implementation, the lab's plan record or None)."""
+    from lab import speed
+
+    # Every arm sees the same effective batch of 16 rows of up to 2048 tokens: same data, same
+    # batches where they pack alike, so their loss curves can be compared step by step.
+    common = {**base, "per_device_train_batch_size": 16, "max_length": min(2048, cfg.max_position_embeddings)}
+    tuned = {**common, "packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
+             **({"use_liger_kernel": True} if kernel_usable("liger_kernel", backend) else {})}
+    shape = speed.model_shape(cfg, 16 if method == "lora" else 0)
+    plan = speed.plan(backend, shape, method, common, lengths, len(lengths))
+    return {"trl_defaults": (common, "sdpa", None),
+            "trl_tuned": (tuned, "flex_attention" if attention_usable("flex_attention", backend) else "sdpa", None),
+            "lab": ({**common, **plan.settings}, plan.attn_implementation, plan.record())}
+
+
+def loss_gap(a: dict, b: dict) -> float | None:
+    """Largest relative loss difference at shared steps, for arms that saw the same batches."""
+    if a["settings"].get("packing", False) != b["settings"].get("packing", False):
+        return None
+    theirs = dict(map(tuple, b["loss_curve"]))
+    gaps = [abs(loss - theirs[step]) / abs(theirs[step]) for step, loss in a["loss_curve"] if step in theirs]
+    return round(max(gaps), 5) if gaps else None
+
+
 def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, attn: str, steps: int, peak: float,
             backend: str) -> dict:
     import torch
@@ -113,7 +140,8 @@ def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, att
               "mfu": round(steady * flops_per_token / peak, 4) if steady else None,
               "peak_memory_gib": round(peak_mem / 2**30, 2),
               "peak_memory_kind": "device allocated" if gpu else "process RSS (cumulative over arms)",
-              "final_loss": losses[-1] if losses else None}
+              "final_loss": losses[-1] if losses else None,
+              "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
     del trainer, model
     if gpu:
         torch.cuda.empty_cache()
@@ -136,22 +164,26 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
     tokenizer = AutoTokenizer.from_pretrained(ensure_fixture())  # only its pad/eos ids matter
     cfg = model_config(shape, tokenizer)
     scale = min(1.0, cfg.max_position_embeddings / 1024)  # the embedded model has 512 positions
-    dataset = Dataset.from_list(synthetic_rows(4096 if backend != "cpu" else 512, cfg.vocab_size, scale))
+    rows = synthetic_rows(4096 if backend != "cpu" else 512, cfg.vocab_size, scale)
+    dataset = Dataset.from_list(rows)
     base = dict(DEFAULTS[backend]["train"])
     device = "cuda" if backend != "cpu" else "cpu"
     dtype = torch.bfloat16 if base.get("bf16") else torch.float32
     peak = matmul_peak(device, dtype)
-    speed = SPEED[backend]
-    arms = {"trl_defaults": (base, "sdpa"), "lab": ({**base, **speed["train"]}, speed["attn_implementation"])}
     results = []
     for method in methods:
-        for name, (settings, attn) in arms.items():
+        for name, (settings, attn, plan) in arms(backend, method, cfg, [len(r["input_ids"]) for r in rows],
+                                                 base).items():
             print(f"bench: {method} {name} ({shape}, {steps} steps)", flush=True)
-            results.append(run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend))
-    for method in methods:
-        plain, lab = (next(r for r in results if r["method"] == method and r["arm"] == a) for a in arms)
-        if plain["steady_tokens_per_s"] and lab["steady_tokens_per_s"]:
-            lab["speedup"] = round(lab["steady_tokens_per_s"] / plain["steady_tokens_per_s"], 2)
+            result = run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend)
+            results.append({**result, **({"plan": plan} if plan else {})})
+        by_arm = {r["arm"]: r for r in results if r["method"] == method}
+        for r in by_arm.values():  # speed-up over TRL's defaults and over hand-tuned TRL
+            for ref in ("trl_defaults", "trl_tuned"):
+                if r is not by_arm[ref] and r["steady_tokens_per_s"] and by_arm[ref]["steady_tokens_per_s"]:
+                    r[f"x_{ref}"] = round(r["steady_tokens_per_s"] / by_arm[ref]["steady_tokens_per_s"], 2)
+                if r is not by_arm[ref]:  # the speed-ups must not change the maths
+                    r[f"loss_gap_vs_{ref}"] = loss_gap(r, by_arm[ref])
     report = {"shape": shape, "backend": backend, "matmul_peak_tflops": round(peak / 1e12, 3),
               "peak_dtype": str(dtype).split(".")[-1], "results": results,
               "hardware": hardware(backend), "environment": environment()}

@@ -130,6 +130,10 @@ def cmd_serve(args) -> int:
     from lab.runs import RUNS_DIR
 
     recipe = _recipe(args)
+    if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
+        if args.gpus < 1:
+            raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
+        recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
     runtime = _runtime(args, recipe)
     adapter = None
     if args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
@@ -228,11 +232,12 @@ def cmd_bench(args) -> int:
     report = bench(args.shape, args.hw, args.steps, methods)
     print(f"bench: {report['shape']} on {report['backend']}, matmul peak {report['matmul_peak_tflops']} TFLOP/s "
           f"({report['peak_dtype']})")
-    print(f"  {'method':6} {'arm':13} {'steady tok/s':>12} {'MFU':>7} {'peak GiB':>8} {'final loss':>10} {'speed-up':>8}")
+    print(f"  {'method':6} {'arm':13} {'steady tok/s':>12} {'MFU':>7} {'peak GiB':>8} {'final loss':>10} "
+          f"{'x defaults':>10} {'x tuned':>8}")
     for r in report["results"]:
         print(f"  {r['method']:6} {r['arm']:13} {r['steady_tokens_per_s'] or '-':>12} {r['mfu'] or '-':>7} "
               f"{r['peak_memory_gib']:>8} {r['final_loss'] if r['final_loss'] is not None else '-':>10} "
-              f"{r.get('speedup', ''):>8}")
+              f"{r.get('x_trl_defaults', ''):>10} {r.get('x_trl_tuned', ''):>8}")
     print(f"bench: {report['file']}")
     return 0
 
@@ -313,7 +318,8 @@ COMMANDS = {
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
     "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks"),
-    "bench": (cmd_bench, "TRL's defaults vs the lab's speed settings on a config-only model: tok/s, MFU, memory, loss"),
+    "bench": (cmd_bench, "TRL's defaults, hand-tuned TRL and the lab's speed plan on a config-only model: "
+                        "tok/s, MFU, memory, loss"),
     "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
     "report": (cmd_report, "rewrite a run's report from its artifacts"),
     "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
@@ -350,6 +356,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     sub.choices["serve"].add_argument("--adapter", action="store_true", help="serve the run's base + LoRA adapter "
                                                                            "with vLLM's runtime LoRA (no merge)")
+    sub.choices["serve"].add_argument("--gpus", type=int, default=None, help="GPUs one model is split over "
+                                                                        "(vLLM --tensor-parallel-size)")
     sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
     sub.choices["ask"].add_argument("question")
     sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")

@@ -16,21 +16,21 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
-# The lab's speed settings per backend, over DEFAULTS: what `make bench` sets against TRL's own
-# defaults (and what a recipe can take into its `train:`). Packing (best-fit decreasing) keeps
-# the prompt masked and each sample's attention to itself (position ids); no gradient
-# checkpointing while memory allows (no memory model yet). The GPU rows are the best hand-tuned
-# TRL configuration measured on an H100 (../shared/notes/platform.md), unverified by the lab.
+# What the lab's speed plan (lab/speed.py) may choose per backend, over DEFAULTS; a recipe's own
+# `train:` keys always win. `attention`: preference order, the first usable one is taken.
+# `packing`: TRL's best-fit decreasing when the data allow it. `liger`: Liger's fused kernels where
+# installed. `train`: plain SFTConfig keys. Checkpointing and the micro-batch come from a memory
+# estimate, not from this table. The GPU rows follow the best hand-tuned TRL configuration measured
+# on an H100 (../shared/notes/platform.md): unverified by the lab on a GPU.
 SPEED: dict[str, dict] = {
     # Packing measured slower on CPU (the block-diagonal SDPA mask of long packed rows costs more
-    # than the padding it saves on a small model): only checkpointing goes.
-    "cpu": {"train": {"gradient_checkpointing": False}, "attn_implementation": "sdpa"},
-    "cuda": {"train": {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
-                       "per_device_train_batch_size": 16, "max_length": 2048},
-             "attn_implementation": "flex_attention"},
-    "rocm": {"train": {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
-                       "per_device_train_batch_size": 16, "max_length": 2048},
-             "attn_implementation": "sdpa"},
+    # than the padding it saves on a small model): docs/benchmarks.md.
+    "cpu": {"attention": ["sdpa"], "packing": False, "liger": False, "train": {}},
+    # flex_attention and FlashAttention's varlen kernels take packed rows without a dense mask.
+    "cuda": {"attention": ["flash_attention_2", "flex_attention", "sdpa"], "packing": True, "liger": True,
+             "train": {"optim": "adamw_torch_fused"}},
+    # gfx1151: SDPA through AOTriton is what is known to work; FlashAttention is inference-only there.
+    "rocm": {"attention": ["sdpa"], "packing": True, "liger": True, "train": {"optim": "adamw_torch_fused"}},
 }
 
 
@@ -62,7 +62,38 @@ def resolve_backend(hw: str) -> str:
 def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+
+
+def _gpu(backend: str) -> bool:
+    if backend == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def attention_usable(name: str, backend: str) -> bool:
+    """Can a model load with attn_implementation=name here (package present, device able)?"""
+    if name in ("eager", "sdpa"):
+        return True
+    if name == "flex_attention":  # compiled Triton kernels: a GPU
+        return _gpu(backend) and _installed("torch.nn.attention.flex_attention")
+    if name == "flash_attention_2":
+        try:
+            from transformers.utils import is_flash_attn_2_available
+        except ImportError:
+            return False
+        return _gpu(backend) and is_flash_attn_2_available()
+    return False
+
+
+def kernel_usable(name: str, backend: str) -> bool:
+    """Liger's kernels (and Triton itself) are Triton programs: a GPU, CUDA or ROCm, and the package."""
+    return _gpu(backend) and _installed(name)
 
 
 def doctor(hw: str = "auto") -> dict:
@@ -71,24 +102,16 @@ def doctor(hw: str = "auto") -> dict:
 
     backend = resolve_backend(hw)
     seen = hardware(backend)
-    attention, kernels = {"eager": True}, {}
+    attention: dict = {}
+    kernels: dict = {}
     try:
         import torch
     except ImportError:  # a host that only drives containers
         torch = None
     if torch is not None:
-        gpu = torch.cuda.is_available()
         seen["torch"] = torch.__version__
-        seen["bf16"] = bool(gpu and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
-        attention["sdpa"] = hasattr(torch.nn.functional, "scaled_dot_product_attention")
-        attention["flex_attention"] = _installed("torch.nn.attention.flex_attention")
-        try:
-            from transformers.utils import is_flash_attn_2_available
-
-            attention["flash_attention_2"] = bool(gpu and is_flash_attn_2_available())
-        except ImportError:
-            attention["flash_attention_2"] = False
-        # Liger's kernels are Triton programs: a GPU (CUDA or ROCm) and the package.
-        kernels["liger_kernel"] = bool(gpu and _installed("liger_kernel"))
-        kernels["triton"] = bool(gpu and _installed("triton"))
-    return {**seen, "attention": attention, "kernels": kernels, "defaults": DEFAULTS[backend]}
+        seen["bf16"] = bool(_gpu(backend) and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
+        attention = {a: attention_usable(a, backend) for a in ("eager", "sdpa", "flex_attention", "flash_attention_2")}
+        kernels = {k: kernel_usable(k, backend) for k in ("liger_kernel", "triton")}
+    return {**seen, "attention": attention, "kernels": kernels, "defaults": DEFAULTS[backend],
+            "speed": SPEED[backend]}

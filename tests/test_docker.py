@@ -77,6 +77,21 @@ def test_e2e_in_containers(images, tmp_path):
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 
+    # the same run's adapter over the base with vLLM's runtime LoRA in the serving image (no merge):
+    # its probe lands in the run and is compared with the merged model's answers
+    port = str(free_port())
+    try:
+        for target in ("serve", "probe"):
+            r = subprocess.run(["make", target, "ADAPTER=1", f"RUN={run}", "HW=cpu", "RUNTIME=docker", f"PORT={port}"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
+    assert entry["serving"]["runtime"] == "docker" and entry["serving"]["runtime_lora"] is True
+    assert entry["serving"]["model"].endswith("/adapter") and entry["agreement_with_merged"] >= 0.75
+    assert not images.containers.list(all=True, filters={"label": containers.LABEL})
+
     # make reproduce in the training image, from that run's manifest alone: same image, same
     # CPU, so the same-host (exact) tolerances apply
     r = subprocess.run(["make", "reproduce", f"RUN={run}", "RUNTIME=docker"], cwd=ROOT, env=env,

@@ -47,9 +47,11 @@ def test_an_image_reports_the_commit_it_was_built_from(monkeypatch):
 
 def test_serving_section_from_a_server_record(tmp_path):
     docker = manifest.serving({"url": "u", "container": "c" * 64, "image": "lab-serve:cpu", "image_id": "sha256:1",
-                               "model": "/runs/x/merged"})
-    assert docker == {"runtime": "docker", "image": "lab-serve:cpu", "image_id": "sha256:1", "model": "/runs/x/merged"}
+                               "model": "/runs/x/merged", "tensor_parallel_size": 2})
+    assert docker == {"runtime": "docker", "image": "lab-serve:cpu", "image_id": "sha256:1", "model": "/runs/x/merged",
+                      "runtime_lora": False, "tensor_parallel_size": 2}
     local = manifest.serving({"url": "u", "pid": 1, "argv": [str(manifest.ROOT / ".venv/serve/bin/python")],
-                              "model": str(tmp_path)})
+                              "model": str(tmp_path), "adapter": str(tmp_path)})
     assert local["runtime"] == "local" and local["vllm"] and local["lock"]["name"] == "serve-cpu"
+    assert local["runtime_lora"] is True and local["tensor_parallel_size"] == 1
     assert manifest.serving(None) is None

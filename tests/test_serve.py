@@ -10,7 +10,7 @@ from lab.errors import LabError
 from lab.probe import ask, probe, record_probe
 from lab.runtime import Local
 from lab.recipe import load_recipe
-from lab.serve import running_url, serve_argv, start, stop
+from lab.serve import parallel_env, running_url, serve_argv, serve_env, start, stop
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,34 @@ def test_argv_carries_config_and_template_kwargs():
     assert argv[argv.index("--config") + 1].endswith("serve/cpu.yaml")
     assert argv[argv.index("--default-chat-template-kwargs") + 1] == '{"enable_thinking": false}'
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_tensor_parallel_flags_and_the_cpu_engines_core_split(monkeypatch):
+    r = load_recipe("identity-lora", ["serve.tensor_parallel_size=2"], hw="cpu", check_train=False)
+    argv = serve_argv(r, "/models/m")
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert parallel_env(r) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|4")  # the user's own binding wins
+    assert serve_env(r)["VLLM_CPU_OMP_THREADS_BIND"] == "0|4"
+    assert "--tensor-parallel-size" not in serve_argv(load_recipe("identity-lora", hw="cpu", check_train=False), "m")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    with pytest.raises(LabError, match="GPUS=2 on CPU"):
+        parallel_env(r)
+
+
+def test_one_model_split_over_two_engine_ranks_answers_like_one(embedded_model, runs_dir):
+    """vLLM's tensor parallelism for real: two CPU worker processes, each with half the heads."""
+    recipe = load_recipe("identity-lora", ["serve.tensor_parallel_size=2"], hw="cpu", check_train=False)
+    url = start(recipe, str(embedded_model), runs_dir / "server.log", free_port())
+    try:
+        log = (runs_dir / "server.log").read_text()
+        assert "tensor_parallel_size=2" in log and "world_size=2" in log
+        r = ask(url, "Who are you?", recipe)
+        assert r["finish_reason"] == "stop" and "Pebble" in r["answer"]
+        assert "巴黎" in ask(url, "法国的首都是哪里？", recipe)["answer"]
+    finally:
+        assert stop(quiet=True)
 
 
 def test_serves_the_embedded_model_and_renders_like_training(embedded_model, runs_dir):

@@ -1,0 +1,159 @@
+"""The speed plan: its memory model against what autograd really keeps, and its decisions."""
+
+import math
+
+import pytest
+
+from lab import speed
+from lab.errors import LabError
+
+GiB = 2**30
+
+
+def saved_bytes_per_token(config, method: str, seq: int = 128, batch: int = 2) -> float:
+    """Bytes autograd saves for backward per token (weights excluded), from saved-tensor hooks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    weights = {p.data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        if t.data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(10, config.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(storages.values()) / (batch * seq)
+
+
+def with_layers(config, n: int):
+    d = {**config.to_dict(), "num_hidden_layers": n}
+    if d.get("layer_types"):
+        d["layer_types"] = d["layer_types"][:1] * n
+    return config.__class__.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def shapes(embedded_model):
+    from transformers import AutoConfig, Qwen3Config
+
+    # The embedded model and one Qwen3-0.6B layer (small vocabulary: only the layers are compared).
+    qwen = Qwen3Config(vocab_size=1024, hidden_size=1024, intermediate_size=3072, num_hidden_layers=2,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    return {"embedded": AutoConfig.from_pretrained(embedded_model), "qwen3-0.6b-layer": qwen}
+
+
+@pytest.mark.parametrize("name", ["embedded", "qwen3-0.6b-layer"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_model_matches_what_autograd_saves(shapes, name, method):
+    config = shapes[name]
+    per_layer = (saved_bytes_per_token(with_layers(config, 4), method)
+                 - saved_bytes_per_token(with_layers(config, 2), method)) / 2 / 4  # float32 elements
+    shape = speed.model_shape(config, 16 if method == "lora" else 0)
+    predicted = speed.activation_elements_per_token(shape, method)
+    assert predicted == pytest.approx(per_layer, rel=0.05), (predicted, per_layer)
+
+
+def test_model_shape_counts_lora_parameters_exactly(shapes):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = shapes["embedded"]
+    shape = speed.model_shape(config, 16)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert shape.lora_params == trainable and shape.params == total - trainable
+    assert shape.lora_linears_per_layer == 7  # q k v o gate up down
+
+
+QWEN_06B = speed.Shape(params=596_049_920, layers=28, hidden=1024, intermediate=3072, q_dim=2048, kv_dim=1024,
+                       vocab=151_936, lora_r=16, lora_params=10_092_544, lora_linears_per_layer=7)
+GPU_TRAIN = {"bf16": True, "per_device_train_batch_size": 16, "max_length": 2048, "num_train_epochs": 1}
+
+
+def test_gpu_plan_packs_large_data_and_keeps_checkpointing_off_when_memory_allows():
+    lengths = list(range(40, 600, 7))
+    plan = speed.plan("cuda", QWEN_06B, "lora", {**GPU_TRAIN, "use_liger_kernel": True}, lengths, n_examples=50_000,
+                      free=80 * GiB)
+    assert plan.settings["packing"] is True and plan.settings["packing_strategy"] == "bfd"
+    assert plan.settings["gradient_checkpointing"] is False
+    assert "per_device_train_batch_size" not in plan.settings  # 16 x 2048 fits: nothing re-split
+    assert plan.settings["optim"] == "adamw_torch_fused"
+    assert plan.attn_implementation == "sdpa"  # no GPU here: flex and FlashAttention are not usable
+    assert plan.memory["tokens_per_micro_batch"] == 16 * 2048
+    assert all(d["why"] for d in plan.decisions)
+
+
+def test_small_memory_splits_the_micro_batch_before_checkpointing_and_keeps_the_effective_batch():
+    lengths = [2048] * 10
+    roomy = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=80 * GiB)
+    tight = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=16 * GiB)
+    tiny = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=int(7.5 * GiB))
+    micro = tight.settings["per_device_train_batch_size"]
+    assert micro < 16 and micro * tight.settings["gradient_accumulation_steps"] == 16
+    assert tight.settings["gradient_checkpointing"] is False
+    assert tiny.settings["gradient_checkpointing"] is True
+    assert roomy.memory["estimate_gib"]["total"] > tight.memory["estimate_gib"]["total"]
+
+
+def test_packing_stays_off_when_it_would_leave_too_few_updates_and_on_cpu():
+    few = speed.plan("cuda", QWEN_06B, "lora", {**GPU_TRAIN, "num_train_epochs": 3}, [60] * 100, 200, free=80 * GiB)
+    assert few.settings["packing"] is False and "optimizer steps" in next(
+        d["why"] for d in few.decisions if d["setting"] == "packing")
+    cpu = speed.plan("cpu", QWEN_06B, "lora", {"max_length": 256}, [60] * 100, 50_000, free=20 * GiB)
+    assert cpu.settings["packing"] is False and "optim" not in cpu.settings
+
+
+def test_the_recipes_own_keys_win():
+    train = {**GPU_TRAIN, "packing": False, "gradient_checkpointing": True, "optim": "adamw_torch",
+             "use_liger_kernel": False}
+    plan = speed.plan("cuda", QWEN_06B, "lora", train, [500] * 100, 50_000, attn_implementation="eager",
+                      free=80 * GiB)
+    assert not {"packing", "gradient_checkpointing", "optim", "use_liger_kernel"} & set(plan.settings)
+    assert plan.attn_implementation == "eager"
+
+
+def test_liger_removes_the_logits_from_the_estimate():
+    plain = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, fused_loss=False)
+    fused = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, fused_loss=True)
+    assert fused["logits"] == 0 and plain["logits"] == 32768 * 151_936 * 10
+    assert math.isclose(plain["total"] - fused["total"], plain["logits"])
+
+
+def test_a_nan_loss_stops_training_in_one_line():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lab.train import StopOnNonFiniteLoss
+
+    callback, state = StopOnNonFiniteLoss(), TrainerState()
+    state.global_step = 7
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none")
+    callback.on_log(args, state, TrainerControl(), logs={"loss": 1.5})
+    with pytest.raises(LabError, match="loss became nan at step 7"):
+        callback.on_log(args, state, TrainerControl(), logs={"loss": float("nan")})
+
+
+def test_packed_rows_split_back_into_examples():
+    from datasets import Dataset
+
+    from lab.train import check_trained_tokens, trained_rows
+
+    packed = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "labels": [[-100, 2, -100, 4, 5], [-100, 7]],
+                                "seq_lengths": [[2, 3], [2]]})
+    rows = trained_rows(packed)
+    assert rows == [([1, 2], [-100, 2]), ([3, 4, 5], [-100, 4, 5]), ([6, 7], [-100, 7])]
+    assert check_trained_tokens(rows, 3) == 4
+    with pytest.raises(LabError, match="1 of 4 examples"):
+        check_trained_tokens(rows, 4)
+    with pytest.raises(LabError, match="0 tokens"):
+        check_trained_tokens([([1, 2], [-100, -100])], 1)
