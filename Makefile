@@ -14,6 +14,7 @@ RESUME  ?=
 ADAPTER ?=
 SHAPE   ?= embedded
 STEPS   ?= 40
+PROFILE ?=
 # GPUS=N: train: N processes through accelerate launch (DIST=ddp|fsdp2|zero3|<accelerate config>);
 #         serve: one model split over N GPUs (vLLM tensor parallelism)
 GPUS    ?=
@@ -88,8 +89,8 @@ lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing t
 images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
 	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
-bench: setup  ## TRL defaults vs the lab's speed settings: make bench [SHAPE=qwen3-0.6b STEPS=40]
-	$(LAB) bench --hw $(HW) --shape $(SHAPE) --steps $(STEPS)
+bench: setup  ## TRL defaults vs hand-tuned TRL vs the lab's speed plan: make bench [SHAPE=qwen3-0.6b STEPS=40 PROFILE=1]
+	$(LAB) bench --hw $(HW) --shape $(SHAPE) --steps $(STEPS) $(if $(PROFILE),--profile)
 
 doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, the defaults HW= picks
 	$(LAB) doctor --hw $(HW)

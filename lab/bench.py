@@ -97,14 +97,52 @@ def loss_gap(a: dict, b: dict) -> float | None:
     return round(max(gaps), 5) if gaps else None
 
 
+PROFILED_STEPS = 3
+
+
+def profiler_callback(first_step: int, gpu: bool, out: dict):
+    """torch.profiler over a few steady-state steps: where the time of a step goes, by operator."""
+    import torch
+    from transformers import TrainerCallback
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step:
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == first_step + PROFILED_STEPS:
+                if gpu:
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                key = "self_device_time_total" if gpu else "self_cpu_time_total"
+                events = [e for e in self.prof.key_averages() if getattr(e, key) > 0]
+                total = sum(getattr(e, key) for e in events) or 1
+                out["profile"] = {
+                    "steps": [first_step + 1, first_step + PROFILED_STEPS], "by": key,
+                    "ms_per_step": round(total / 1000 / PROFILED_STEPS, 2),
+                    "top": [{"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / PROFILED_STEPS, 2),
+                             "share": round(getattr(e, key) / total, 3)}
+                            for e in sorted(events, key=lambda e: -getattr(e, key))[:15]]}
+                self.prof = None
+
+    return Profile()
+
+
 def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, attn: str, steps: int, peak: float,
-            backend: str) -> dict:
+            backend: str, profile: bool = False) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     points: list[tuple[float, float]] = []
+    profiled: dict = {}
 
     class Tokens(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -125,6 +163,8 @@ def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, att
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora if method == "lora" else None)
     trainer.add_callback(Tokens())
+    if profile:  # steady state: past the first logging interval, before the last
+        trainer.add_callback(profiler_callback(max(1, steps // 2 - PROFILED_STEPS), gpu, profiled))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -141,7 +181,8 @@ def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, att
               "peak_memory_gib": round(peak_mem / 2**30, 2),
               "peak_memory_kind": "device allocated" if gpu else "process RSS (cumulative over arms)",
               "final_loss": losses[-1] if losses else None,
-              "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
+              "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+              **profiled}
     del trainer, model
     if gpu:
         torch.cuda.empty_cache()
@@ -149,7 +190,7 @@ def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, att
 
 
 def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: tuple[str, ...] = ("lora", "full"),
-          out_dir: Path | None = None) -> dict:
+          out_dir: Path | None = None, profile: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -175,7 +216,7 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
         for name, (settings, attn, plan) in arms(backend, method, cfg, [len(r["input_ids"]) for r in rows],
                                                  base).items():
             print(f"bench: {method} {name} ({shape}, {steps} steps)", flush=True)
-            result = run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend)
+            result = run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend, profile)
             results.append({**result, **({"plan": plan} if plan else {})})
         by_arm = {r["arm"]: r for r in results if r["method"] == method}
         for r in by_arm.values():  # speed-up over TRL's defaults and over hand-tuned TRL

@@ -221,7 +221,15 @@ def cmd_doctor(args) -> int:
     print(f"cpu:       {seen['cpu']}, {seen['cpu_count']} cores, {seen['memory_gib']} GiB")
     print("attention: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["attention"].items()))
     print("kernels:   " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["kernels"].items()) or "-"))
+    print(f"free:      {seen['free_memory_gib'] if seen['free_memory_gib'] is not None else '-'} GiB "
+          "(what the speed plan sizes micro-batches and checkpointing against)")
     print(f"defaults:  {json.dumps(seen['defaults'])}")
+    print(f"speed:     {json.dumps(seen['speed'])}")
+    if seen["amd_host"]:
+        amd = seen["amd_host"]
+        print(f"amd host:  kernel {amd['kernel']}, GTT {amd['gtt_gib'] or '-'} GiB")
+        for note in amd["notes"]:
+            print(f"           {note}")
     return 0
 
 
@@ -229,7 +237,7 @@ def cmd_bench(args) -> int:
     from lab.bench import bench
 
     methods = ("lora", "full") if args.method == "both" else (args.method,)
-    report = bench(args.shape, args.hw, args.steps, methods)
+    report = bench(args.shape, args.hw, args.steps, methods, profile=args.profile)
     print(f"bench: {report['shape']} on {report['backend']}, matmul peak {report['matmul_peak_tflops']} TFLOP/s "
           f"({report['peak_dtype']})")
     print(f"  {'method':6} {'arm':13} {'steady tok/s':>12} {'MFU':>7} {'peak GiB':>8} {'final loss':>10} "
@@ -238,6 +246,11 @@ def cmd_bench(args) -> int:
         print(f"  {r['method']:6} {r['arm']:13} {r['steady_tokens_per_s'] or '-':>12} {r['mfu'] or '-':>7} "
               f"{r['peak_memory_gib']:>8} {r['final_loss'] if r['final_loss'] is not None else '-':>10} "
               f"{r.get('x_trl_defaults', ''):>10} {r.get('x_trl_tuned', ''):>8}")
+    for r in report["results"]:
+        if "profile" in r:
+            p = r["profile"]
+            top = ", ".join(f"{t['op']} {t['share']:.0%}" for t in p["top"][:5])
+            print(f"  profile {r['method']} {r['arm']}: {p['ms_per_step']} ms/step ({p['by']}); {top}")
     print(f"bench: {report['file']}")
     return 0
 
@@ -368,6 +381,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--shape", default="embedded", help="embedded|qwen3-0.6b (random weights of that shape)")
     bench_p.add_argument("--steps", type=int, default=40, help="optimizer steps per arm")
     bench_p.add_argument("--method", default="both", choices=("both", "lora", "full"))
+    bench_p.add_argument("--profile", action="store_true", help="torch.profiler over 3 steady steps of each arm: "
+                                                                "the top operators by self time, in the JSON")
     sub.choices["doctor"].add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
     sub.choices["doctor"].add_argument("--json", action="store_true", help="print it as JSON")
     sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")

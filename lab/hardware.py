@@ -96,6 +96,35 @@ def kernel_usable(name: str, backend: str) -> bool:
     return _gpu(backend) and _installed(name)
 
 
+def amd_host(root: str = "/") -> dict | None:
+    """What an AMD GPU host needs beyond drivers (../shared notes: rocm-gfx1151): the kernel, how much
+    memory the GPU may map (GTT; by default about half of RAM on an APU), and the device groups."""
+    import os
+    import platform
+    from pathlib import Path
+
+    base = Path(root)
+    if not (base / "dev/kfd").exists():
+        return None
+    gtt = {p.parent.parent.name: round(int(p.read_text().strip()) / 2**30, 1)
+           for p in sorted(base.glob("sys/class/drm/card*/device/mem_info_gtt_total"))}
+    mine = {_group_name(g) for g in os.getgroups()}
+    missing = [] if os.getuid() == 0 else [g for g in ("video", "render") if g not in mine]
+    notes = [f"add this user to the {' and '.join(missing)} group(s)"] if missing else []
+    notes.append("gfx1151 wants Linux >= 6.18.4 (Ubuntu: HWE >= 6.17.0-19 or OEM >= 6.14.0-1018); "
+                 "raise GTT with `amd-ttm --set <GB>` if the model needs more than shown")
+    return {"kernel": platform.release(), "gtt_gib": gtt, "groups_missing": missing, "notes": notes}
+
+
+def _group_name(gid: int) -> str | None:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
 def doctor(hw: str = "auto") -> dict:
     """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it."""
     from lab.manifest import hardware
@@ -113,5 +142,10 @@ def doctor(hw: str = "auto") -> dict:
         seen["bf16"] = bool(_gpu(backend) and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
         attention = {a: attention_usable(a, backend) for a in ("eager", "sdpa", "flex_attention", "flash_attention_2")}
         kernels = {k: kernel_usable(k, backend) for k in ("liger_kernel", "triton")}
-    return {**seen, "attention": attention, "kernels": kernels, "defaults": DEFAULTS[backend],
-            "speed": SPEED[backend]}
+    free = None
+    if torch is not None and (backend == "cpu" or _gpu(backend)):
+        from lab.speed import free_memory
+
+        free = round(free_memory(backend) / 2**30, 1)
+    return {**seen, "attention": attention, "kernels": kernels, "free_memory_gib": free,
+            "defaults": DEFAULTS[backend], "speed": SPEED[backend], "amd_host": amd_host()}

@@ -12,7 +12,7 @@ from conftest import run_lab
 
 @pytest.mark.slow
 def test_bench_writes_three_arms_and_the_lab_keeps_the_maths(runs_dir, embedded_model):
-    r = run_lab("bench", "--hw", "cpu", "--steps", "8", "--method", "lora", timeout=1200)
+    r = run_lab("bench", "--hw", "cpu", "--steps", "8", "--method", "lora", "--profile", timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads(Path(r.stdout.strip().splitlines()[-1].split("bench: ", 1)[1]).read_text())
     assert report["backend"] == "cpu" and report["matmul_peak_tflops"] > 0 and report["environment"]["packages"]
@@ -30,6 +30,13 @@ def test_bench_writes_three_arms_and_the_lab_keeps_the_maths(runs_dir, embedded_
     assert lab["loss_gap_vs_trl_defaults"] is not None and lab["loss_gap_vs_trl_defaults"] <= 1e-3
     assert lab["loss_gap_vs_trl_tuned"] is None  # packed rows are other batches: not comparable step by step
     assert lab["x_trl_defaults"] > 0 and lab["x_trl_tuned"] > 0
+    # --profile: where a steady step's time goes, by operator
+    for x in arms.values():
+        p = x["profile"]
+        assert p["ms_per_step"] > 0 and p["steps"] == [2, 4] and len(p["top"]) >= 5
+        shares = [t["share"] for t in p["top"]]
+        assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.001
+    assert "profile lora lab:" in r.stdout
 
 
 def test_bench_refuses_too_few_steps_in_one_line(runs_dir):

@@ -49,6 +49,19 @@ def test_help_lists_every_stage():
         assert cmd in r.stdout
 
 
+def test_doctor_reads_an_amd_hosts_gtt_and_kernel(tmp_path):
+    from lab.hardware import amd_host
+
+    assert amd_host(str(tmp_path)) is None
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "kfd").touch()
+    card = tmp_path / "sys/class/drm/card1/device"
+    card.mkdir(parents=True)
+    (card / "mem_info_gtt_total").write_text(str(64 * 2**30) + "\n")
+    amd = amd_host(str(tmp_path))
+    assert amd["gtt_gib"] == {"card1": 64.0} and amd["kernel"] and any("amd-ttm" in n for n in amd["notes"])
+
+
 def test_doctor_reports_what_this_host_has():
     import json
 
@@ -57,6 +70,7 @@ def test_doctor_reports_what_this_host_has():
     seen = json.loads(r.stdout)
     assert seen["backend"] == "cpu" and seen["devices"] == [] and seen["cpu_count"] >= 1
     assert seen["attention"]["sdpa"] is True and seen["attention"]["flash_attention_2"] is False
-    assert seen["defaults"]["train"]["use_cpu"] is True
+    assert seen["defaults"]["train"]["use_cpu"] is True and seen["speed"]["attention"] == ["sdpa"]
+    assert seen["free_memory_gib"] > 0 and seen["amd_host"] is None  # no /dev/kfd here
     r = run_lab("doctor", "--hw", "tpu", timeout=60)
     assert r.returncode == 2 and "HW='tpu'" in r.stderr and "Traceback" not in r.stderr
