@@ -19,7 +19,9 @@ DEFAULTS: dict[str, dict] = {
 # What the lab's speed plan (lab/speed.py) may choose per backend, over DEFAULTS; a recipe's own
 # `train:` keys always win. `attention`: preference order, the first usable one is taken.
 # `packing`: TRL's best-fit decreasing when the data allow it. `liger`: Liger's fused kernels where
-# installed. `train`: plain SFTConfig keys. Checkpointing and the micro-batch come from a memory
+# installed. `dense_mask_attention`: implementations that, given packed rows, keep every head's
+# scores (measured for SDPA on an H100; not on CPU, whose SDPA kernel takes the mask as it is).
+# `train`: plain SFTConfig keys. Checkpointing and the micro-batch come from a memory
 # estimate, not from this table. The GPU rows follow the best hand-tuned TRL configuration measured
 # on an H100 (../shared/notes/platform.md): unverified by the lab on a GPU.
 SPEED: dict[str, dict] = {
@@ -28,9 +30,10 @@ SPEED: dict[str, dict] = {
     "cpu": {"attention": ["sdpa"], "packing": False, "liger": False, "train": {}},
     # flex_attention and FlashAttention's varlen kernels take packed rows without a dense mask.
     "cuda": {"attention": ["flash_attention_2", "flex_attention", "sdpa"], "packing": True, "liger": True,
-             "train": {"optim": "adamw_torch_fused"}},
+             "dense_mask_attention": ["sdpa", "eager"], "train": {"optim": "adamw_torch_fused"}},
     # gfx1151: SDPA through AOTriton is what is known to work; FlashAttention is inference-only there.
-    "rocm": {"attention": ["sdpa"], "packing": True, "liger": True, "train": {"optim": "adamw_torch_fused"}},
+    "rocm": {"attention": ["sdpa"], "packing": True, "liger": True, "dense_mask_attention": ["sdpa", "eager"],
+             "train": {"optim": "adamw_torch_fused"}},
 }
 
 

@@ -30,6 +30,7 @@ class Shape:
     layers: int
     hidden: int
     intermediate: int
+    heads: int
     q_dim: int  # heads x head_dim
     kv_dim: int  # key/value heads x head_dim
     vocab: int
@@ -58,36 +59,52 @@ def model_shape(config, lora_r: int = 0, lora_targets: str | list[str] = "all-li
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     layers = text.num_hidden_layers
     return Shape(params=sum(p.numel() for p in model.parameters()), layers=layers, hidden=text.hidden_size,
-                 intermediate=text.intermediate_size, q_dim=text.num_attention_heads * head_dim,
+                 intermediate=text.intermediate_size, heads=text.num_attention_heads,
+                 q_dim=text.num_attention_heads * head_dim,
                  kv_dim=getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim,
                  vocab=text.vocab_size, lora_r=lora_r, lora_params=lora, lora_linears_per_layer=adapted // max(layers, 1))
 
 
-def activation_elements_per_token(shape: Shape, method: str) -> int:
-    """Tensors one decoder layer saves for backward, per token, with a fused (flash-style) attention.
+def activation_bytes_per_token(shape: Shape, method: str, half: bool) -> int:
+    """Bytes one decoder layer saves for backward, per token, with a fused (flash-style) attention.
 
     Counted from what autograd keeps in a Qwen3/Llama layer (norm inputs and outputs, q/k/v after
     their norms, the attention output, the MLP's gate/up/activation/product) and checked against
-    PyTorch's saved-tensor hooks in tests/test_speed.py. LoRA freezes the norms' weights, so their
-    normalised outputs are not kept, and adds each adapter's rank-r intermediate.
+    PyTorch's saved-tensor hooks in tests/test_speed.py, in float32 and in bf16 autocast (as the
+    Trainer runs with bf16=True). LoRA freezes the norms' weights, so their outputs are not kept;
+    in half precision the RMSNorms keep float32 inputs, and peft's float32 adapters make each
+    adapted linear (all-linear: q k v o gate up down) keep its own half-precision copy of its input.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    lora_mid = shape.lora_linears_per_layer * shape.lora_r  # each adapter's rank-r intermediate
+    if not half:
+        elements = (2 * h + 5 * q + kv + 4 * i + lora_mid) if method == "lora" else (4 * h + 6 * q + 2 * kv + 4 * i)
+        return 4 * elements
     if method == "lora":
-        return 2 * h + 5 * q + kv + 4 * i + shape.lora_linears_per_layer * shape.lora_r
-    return 4 * h + 6 * q + 2 * kv + 4 * i
+        return 18 * h + 14 * q + 4 * kv + 8 * i + 2 * lora_mid
+    return 2 * (4 * h + 6 * q + 2 * kv + 4 * i) + 2 * (2 * h + q + kv)
 
 
-def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool, bf16: bool, fused_loss: bool) -> dict:
-    """Peak training memory in bytes for `tokens` tokens per micro-batch: a breakdown."""
+def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool, bf16: bool, liger: bool,
+                    scores_len: int = 0) -> dict:
+    """Peak training memory in bytes for `tokens` tokens per micro-batch: a breakdown.
+
+    liger: Liger's kernels keep no logits (fused linear cross-entropy), keep RMSNorm inputs in
+    the model's dtype and recompute SwiGLU's activation. scores_len: an attention path that
+    materialises each head's scores over rows of that length (SDPA given a packed-sequence mask
+    on CUDA). Both from the H100 measurements in ../shared/notes/platform.md; see docs/benchmarks.md.
+    """
     width = 2 if bf16 else 4
     trainable = shape.lora_params if method == "lora" else shape.params
     state_width = 4 if method == "lora" else width  # peft keeps adapters in float32
-    per_layer = activation_elements_per_token(shape, method) * width
+    per_layer = activation_bytes_per_token(shape, method, half=bf16) + shape.heads * scores_len * width
+    if liger and bf16:
+        per_layer -= 2 * (2 * shape.hidden + shape.q_dim + shape.kv_dim) + 2 * shape.intermediate
     # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
     activations = tokens * (shape.layers * shape.hidden * width + per_layer if checkpointing
                             else shape.layers * per_layer)
     # Unfused: the logits, their float32 copy and log-softmax (and the gradients of the same size).
-    logits = 0 if fused_loss else tokens * shape.vocab * (width + 8)
+    logits = 0 if liger else tokens * shape.vocab * (width + 8)
     parts = {"weights": shape.params * width + (shape.lora_params * 4 if method == "lora" else 0),
              "gradients": trainable * state_width, "optimizer": 2 * trainable * state_width,
              "activations": activations, "logits": logits, "overhead": FIXED_OVERHEAD}
@@ -150,10 +167,10 @@ def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int
     for key, value in row["train"].items():
         if key not in train:
             decide(key, value, f"{backend} speed default")
-    fused_loss = bool(train.get("use_liger_kernel"))
+    liger = bool(train.get("use_liger_kernel"))
     if row.get("liger") and "use_liger_kernel" not in train:
-        fused_loss = kernel_usable("liger_kernel", backend)
-        decide("use_liger_kernel", fused_loss, "Liger's fused linear cross-entropy: no logits tensor" if fused_loss
+        liger = kernel_usable("liger_kernel", backend)
+        decide("use_liger_kernel", liger, "Liger's fused linear cross-entropy: no logits tensor" if liger
                else "liger-kernel not installed or no GPU")
 
     max_length = train.get("max_length", 1024) or max(lengths, default=1)
@@ -180,10 +197,11 @@ def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int
                 decide("packing_strategy", "bfd", "best-fit decreasing: whole samples, no cross-attention")
     # Tokens per micro-batch: packed rows are full; padded batches run to their longest sample.
     row_tokens = max_length if packing else min(max_length, max(lengths, default=max_length))
+    scores_len = row_tokens if packing and attn in row.get("dense_mask_attention", ()) else 0
 
     bf16 = bool(train.get("bf16") or train.get("fp16")) if half is None else half
     budget = (free if free is not None else free_memory(backend)) * MEMORY_HEADROOM
-    fits = lambda m, ckpt: memory_estimate(shape, method, m * row_tokens, ckpt, bf16, fused_loss)  # noqa: E731
+    fits = lambda m, ckpt: memory_estimate(shape, method, m * row_tokens, ckpt, bf16, liger, scores_len)  # noqa: E731
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
     user_ckpt = train.get("gradient_checkpointing")
     options = [user_ckpt] if user_ckpt is not None else [False, True]

@@ -10,14 +10,16 @@ from lab.errors import LabError
 GiB = 2**30
 
 
-def saved_bytes_per_token(config, method: str, seq: int = 128, batch: int = 2) -> float:
-    """Bytes autograd saves for backward per token (weights excluded), from saved-tensor hooks."""
+def saved_bytes_per_token(config, method: str, half: bool, seq: int = 128, batch: int = 2) -> float:
+    """Bytes autograd saves for backward per token (weights excluded), from saved-tensor hooks;
+    half: a bf16 model under bf16 autocast, as the Trainer runs it with bf16=True."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    dtype = torch.bfloat16 if half else torch.float32
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
@@ -30,7 +32,8 @@ def saved_bytes_per_token(config, method: str, seq: int = 128, batch: int = 2) -
         return t
 
     ids = torch.randint(10, config.vocab_size, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with (torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=half)):
         model(input_ids=ids, labels=ids)
     return sum(storages.values()) / (batch * seq)
 
@@ -54,12 +57,13 @@ def shapes(embedded_model):
 
 @pytest.mark.parametrize("name", ["embedded", "qwen3-0.6b-layer"])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_activation_model_matches_what_autograd_saves(shapes, name, method):
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "bf16"])
+def test_activation_model_matches_what_autograd_saves(shapes, name, method, half):
     config = shapes[name]
-    per_layer = (saved_bytes_per_token(with_layers(config, 4), method)
-                 - saved_bytes_per_token(with_layers(config, 2), method)) / 2 / 4  # float32 elements
+    per_layer = (saved_bytes_per_token(with_layers(config, 4), method, half)
+                 - saved_bytes_per_token(with_layers(config, 2), method, half)) / 2
     shape = speed.model_shape(config, 16 if method == "lora" else 0)
-    predicted = speed.activation_elements_per_token(shape, method)
+    predicted = speed.activation_bytes_per_token(shape, method, half)
     assert predicted == pytest.approx(per_layer, rel=0.05), (predicted, per_layer)
 
 
@@ -76,29 +80,49 @@ def test_model_shape_counts_lora_parameters_exactly(shapes):
     assert shape.lora_linears_per_layer == 7  # q k v o gate up down
 
 
-QWEN_06B = speed.Shape(params=596_049_920, layers=28, hidden=1024, intermediate=3072, q_dim=2048, kv_dim=1024,
-                       vocab=151_936, lora_r=16, lora_params=10_092_544, lora_linears_per_layer=7)
+QWEN_06B = speed.Shape(params=596_049_920, layers=28, hidden=1024, intermediate=3072, heads=16, q_dim=2048,
+                       kv_dim=1024, vocab=151_936, lora_r=16, lora_params=10_092_544, lora_linears_per_layer=7)
+
+# Peak GiB measured on one H100 with plain TRL (../shared/notes/platform.md), Qwen3-0.6B shape, bf16:
+# (method, tokens per micro-batch, checkpointing, Liger, packed rows through SDPA's mask, measured).
+H100_PEAKS = [("lora", 8 * 600, True, False, 0, 2.0), ("lora", 8 * 1024, False, False, 1024, 21.4),
+              ("lora", 16 * 1024, False, True, 1024, 41.5), ("lora", 16 * 2048, False, True, 0, 49.7),
+              ("full", 8 * 1024, False, False, 1024, 18.6), ("full", 16 * 2048, False, True, 0, 43.5)]
+
+
+@pytest.mark.parametrize("method,tokens,ckpt,liger,scores_len,measured", H100_PEAKS)
+def test_memory_estimate_never_under_the_h100_measurements_and_close_with_liger(method, tokens, ckpt, liger,
+                                                                                scores_len, measured):
+    estimate = speed.memory_estimate(QWEN_06B, method, tokens, ckpt, True, liger, scores_len)["total"] / GiB
+    assert estimate >= measured  # an under-estimate runs out of memory; an over-estimate only runs slower
+    if liger:  # what the plan uses on GPUs (liger-kernel is in the CUDA and ROCm locks)
+        assert estimate <= 1.25 * measured
 GPU_TRAIN = {"bf16": True, "per_device_train_batch_size": 16, "max_length": 2048, "num_train_epochs": 1}
 
 
 def test_gpu_plan_packs_large_data_and_keeps_checkpointing_off_when_memory_allows():
     lengths = list(range(40, 600, 7))
-    plan = speed.plan("cuda", QWEN_06B, "lora", {**GPU_TRAIN, "use_liger_kernel": True}, lengths, n_examples=50_000,
+    gpu = {**GPU_TRAIN, "use_liger_kernel": True}  # an H100 with liger-kernel, as in the CUDA lock
+    plan = speed.plan("cuda", QWEN_06B, "lora", gpu, lengths, n_examples=50_000, attn_implementation="flex_attention",
                       free=80 * GiB)
     assert plan.settings["packing"] is True and plan.settings["packing_strategy"] == "bfd"
     assert plan.settings["gradient_checkpointing"] is False
     assert "per_device_train_batch_size" not in plan.settings  # 16 x 2048 fits: nothing re-split
-    assert plan.settings["optim"] == "adamw_torch_fused"
-    assert plan.attn_implementation == "sdpa"  # no GPU here: flex and FlashAttention are not usable
+    assert plan.settings["optim"] == "adamw_torch_fused" and plan.attn_implementation == "flex_attention"
     assert plan.memory["tokens_per_micro_batch"] == 16 * 2048
     assert all(d["why"] for d in plan.decisions)
+    # No GPU here, so auto falls back to SDPA, which keeps every head's scores of packed rows:
+    # the same memory then holds half the rows per micro-batch, the effective batch unchanged.
+    auto = speed.plan("cuda", QWEN_06B, "lora", gpu, lengths, n_examples=50_000, free=80 * GiB)
+    assert auto.attn_implementation == "sdpa"
+    assert auto.settings["per_device_train_batch_size"] * auto.settings["gradient_accumulation_steps"] == 16
+    assert auto.settings["per_device_train_batch_size"] < 16
 
 
 def test_small_memory_splits_the_micro_batch_before_checkpointing_and_keeps_the_effective_batch():
-    lengths = [2048] * 10
-    roomy = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=80 * GiB)
-    tight = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=16 * GiB)
-    tiny = speed.plan("cuda", QWEN_06B, "full", GPU_TRAIN, lengths, 50_000, free=int(7.5 * GiB))
+    lengths, train = [2048] * 10, {**GPU_TRAIN, "use_liger_kernel": True}
+    roomy, tight, tiny = (speed.plan("cuda", QWEN_06B, "full", train, lengths, 50_000,
+                                     attn_implementation="flex_attention", free=int(gib * GiB)) for gib in (80, 16, 7.5))
     micro = tight.settings["per_device_train_batch_size"]
     assert micro < 16 and micro * tight.settings["gradient_accumulation_steps"] == 16
     assert tight.settings["gradient_checkpointing"] is False
@@ -124,10 +148,11 @@ def test_the_recipes_own_keys_win():
 
 
 def test_liger_removes_the_logits_from_the_estimate():
-    plain = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, fused_loss=False)
-    fused = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, fused_loss=True)
+    plain = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, liger=False)
+    fused = speed.memory_estimate(QWEN_06B, "lora", 32768, False, True, liger=True)
     assert fused["logits"] == 0 and plain["logits"] == 32768 * 151_936 * 10
-    assert math.isclose(plain["total"] - fused["total"], plain["logits"])
+    assert fused["activations"] < plain["activations"]
+    assert math.isclose(plain["total"] - fused["total"], plain["logits"] + plain["activations"] - fused["activations"])
 
 
 def test_a_nan_loss_stops_training_in_one_line():
