@@ -21,19 +21,26 @@ DEFAULTS: dict[str, dict] = {
 # `packing`: TRL's best-fit decreasing when the data allow it. `liger`: Liger's fused kernels where
 # installed. `dense_mask_attention`: implementations that, given packed rows, keep every head's
 # scores (measured for SDPA on an H100; not on CPU, whose SDPA kernel takes the mask as it is).
-# `train`: plain SFTConfig keys. Checkpointing and the micro-batch come from a memory
+# `train`: SFTConfig keys as (value, why). Checkpointing and the micro-batch come from a memory
 # estimate, not from this table. The GPU rows follow the best hand-tuned TRL configuration measured
 # on an H100 (../shared/notes/platform.md): unverified by the lab on a GPU.
+GPU_TRAIN = {
+    "optim": ("adamw_torch_fused", "fused AdamW: the same update in one kernel (+2 to +13% on an H100)"),
+    # H100, LoRA: +17% steady tokens/s, but compiling took ~2 minutes (it pays after ~1,500 steps of
+    # 16 x 2048) and Liger's kernels logged compile errors under it; full fine-tuning was 4% slower.
+    "torch_compile": (False, "pays only on long LoRA runs, and clashed with Liger's kernels on an H100; "
+                             "set train.torch_compile: true to try"),
+}
 SPEED: dict[str, dict] = {
     # Packing measured slower on CPU (the block-diagonal SDPA mask of long packed rows costs more
     # than the padding it saves on a small model): docs/benchmarks.md.
     "cpu": {"attention": ["sdpa"], "packing": False, "liger": False, "train": {}},
     # flex_attention and FlashAttention's varlen kernels take packed rows without a dense mask.
     "cuda": {"attention": ["flash_attention_2", "flex_attention", "sdpa"], "packing": True, "liger": True,
-             "dense_mask_attention": ["sdpa", "eager"], "train": {"optim": "adamw_torch_fused"}},
+             "dense_mask_attention": ["sdpa", "eager"], "train": {**GPU_TRAIN}},
     # gfx1151: SDPA through AOTriton is what is known to work; FlashAttention is inference-only there.
     "rocm": {"attention": ["sdpa"], "packing": True, "liger": True, "dense_mask_attention": ["sdpa", "eager"],
-             "train": {"optim": "adamw_torch_fused"}},
+             "train": {**GPU_TRAIN}},
 }
 
 

@@ -114,9 +114,11 @@ def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool,
 def free_memory(backend: str) -> int:
     """Bytes free on one device now (host memory on CPU)."""
     if backend != "cpu":
+        import os
+
         import torch
 
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0]  # this process's device
     with open("/proc/meminfo", encoding="utf-8") as f:
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024
@@ -164,9 +166,9 @@ def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int
                           "why": f"first usable of {', '.join(row['attention'])} on {backend}"})
     else:
         attn = attn_implementation
-    for key, value in row["train"].items():
+    for key, (value, why) in row["train"].items():
         if key not in train:
-            decide(key, value, f"{backend} speed default")
+            decide(key, value, why)
     liger = bool(train.get("use_liger_kernel"))
     if row.get("liger") and "use_liger_kernel" not in train:
         liger = kernel_usable("liger_kernel", backend)
