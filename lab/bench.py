@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import time
 from datetime import datetime
 from pathlib import Path
 
 from lab.errors import LabError
 from lab.hardware import DEFAULTS, attention_usable, kernel_usable, resolve_backend
+from lab.speed import peak_memory_gib
 
 # Named shapes. "embedded" is the lab's own tiny model; the Qwen3-0.6B shape is the baseline's.
 SHAPES = {
@@ -169,20 +169,16 @@ def run_arm(name: str, method: str, cfg, tokenizer, dataset, settings: dict, att
     trainer.train()
     wall = time.perf_counter() - start
     steady = ((points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])) if len(points) > 1 else None
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    curve = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
     flops_per_token = (4 if method == "lora" else 6) * n_params  # forward 2N, backward 4N (2N: frozen LoRA base)
-    peak_mem = (torch.cuda.max_memory_allocated() if gpu else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {"arm": name, "method": method, "params": n_params, "attn_implementation": attn,
               "settings": {k: v for k, v in settings.items() if k not in DEFAULTS[backend]["train"]},
               "steps": steps, "wall_s": round(wall, 1), "real_tokens": points[-1][1] if points else None,
               "steady_tokens_per_s": round(steady) if steady else None,
               "mfu": round(steady * flops_per_token / peak, 4) if steady else None,
-              "peak_memory_gib": round(peak_mem / 2**30, 2),
+              "peak_memory_gib": peak_memory_gib(backend),
               "peak_memory_kind": "device allocated" if gpu else "process RSS (cumulative over arms)",
-              "final_loss": losses[-1] if losses else None,
-              "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
-              **profiled}
+              "final_loss": curve[-1][1] if curve else None, "loss_curve": curve, **profiled}
     del trainer, model
     if gpu:
         torch.cuda.empty_cache()
@@ -219,12 +215,11 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
             result = run_arm(name, method, cfg, tokenizer, dataset, settings, attn, steps, peak, backend, profile)
             results.append({**result, **({"plan": plan} if plan else {})})
         by_arm = {r["arm"]: r for r in results if r["method"] == method}
-        for r in by_arm.values():  # speed-up over TRL's defaults and over hand-tuned TRL
-            for ref in ("trl_defaults", "trl_tuned"):
-                if r is not by_arm[ref] and r["steady_tokens_per_s"] and by_arm[ref]["steady_tokens_per_s"]:
-                    r[f"x_{ref}"] = round(r["steady_tokens_per_s"] / by_arm[ref]["steady_tokens_per_s"], 2)
-                if r is not by_arm[ref]:  # the speed-ups must not change the maths
-                    r[f"loss_gap_vs_{ref}"] = loss_gap(r, by_arm[ref])
+        for r in by_arm.values():  # speed-up over TRL's defaults and over hand-tuned TRL, same maths?
+            for ref in (by_arm[a] for a in ("trl_defaults", "trl_tuned") if by_arm[a] is not r):
+                if r["steady_tokens_per_s"] and ref["steady_tokens_per_s"]:
+                    r[f"x_{ref['arm']}"] = round(r["steady_tokens_per_s"] / ref["steady_tokens_per_s"], 2)
+                r[f"loss_gap_vs_{ref['arm']}"] = loss_gap(r, ref)
     report = {"shape": shape, "backend": backend, "matmul_peak_tflops": round(peak / 1e12, 3),
               "peak_dtype": str(dtype).split(".")[-1], "results": results,
               "hardware": hardware(backend), "environment": environment()}

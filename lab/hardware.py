@@ -32,8 +32,8 @@ GPU_TRAIN = {
                              "set train.torch_compile: true to try"),
 }
 SPEED: dict[str, dict] = {
-    # Packing measured slower on CPU (the block-diagonal SDPA mask of long packed rows costs more
-    # than the padding it saves on a small model): docs/benchmarks.md.
+    # Packing measured 0.3-0.4x on CPU: attention over full packed rows with an explicit mask
+    # takes 81 % of a step (docs/benchmarks.md).
     "cpu": {"attention": ["sdpa"], "packing": False, "liger": False, "train": {}},
     # flex_attention and FlashAttention's varlen kernels take packed rows without a dense mask.
     "cuda": {"attention": ["flash_attention_2", "flex_attention", "sdpa"], "packing": True, "liger": True,

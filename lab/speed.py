@@ -124,6 +124,17 @@ def free_memory(backend: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+def peak_memory_gib(backend: str) -> float:
+    """What training really used so far: device allocations, or the process's resident set on CPU."""
+    import resource
+
+    import torch
+
+    peak = (torch.cuda.max_memory_allocated() if backend != "cpu" and torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return round(peak / GiB, 2)
+
+
 def token_lengths(tokenizer, examples: list[dict], sample: int = 512) -> list[int]:
     """Tokens per example as training renders them (chat template, prompt + completion), from an
     evenly spaced sample: enough for a packing and memory decision, cheap on large data."""

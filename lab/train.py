@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from lab import speed
 from lab.errors import LabError
 from lab.hardware import DEFAULTS as HW_DEFAULTS
 from lab.launch import is_main_process
@@ -92,21 +93,20 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
     return out
 
 
-class StopOnNonFiniteLoss:
-    """A NaN or infinite loss ends the run with one line, before anything is saved as a result
-    (known bf16 NaN bugs in some ROCm attention/BLAS builds: ../shared notes, rocm-gfx1151)."""
+def stop_on_non_finite_loss():
+    """A callback: a NaN or infinite loss ends the run with one line, before anything is saved as a
+    result (known bf16 NaN bugs in some ROCm attention/BLAS builds: ../shared notes, rocm-gfx1151).
+    Built here because transformers is imported only once training starts."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise LabError(f"training loss became {loss} at step {state.global_step}; no model was saved "
+                               "(try model.attn_implementation=eager, a lower train.learning_rate, or float32)")
 
-        class _Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                loss = (logs or {}).get("loss")
-                if loss is not None and not math.isfinite(loss):
-                    raise LabError(f"training loss became {loss} at step {state.global_step}; no model was saved "
-                                   "(try model.attn_implementation=eager, a lower train.learning_rate, or float32)")
-
-        return _Callback()
+    return StopOnNonFiniteLoss()
 
 
 def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict):
@@ -115,24 +115,11 @@ def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], setti
         return None
     from transformers import AutoConfig
 
-    from lab import speed
-
     config = AutoConfig.from_pretrained(base, revision=recipe.model.revision)
     shape = speed.model_shape(config, recipe.lora.r if recipe.method == "lora" else 0, recipe.lora.target_modules)
     return speed.plan(recipe.backend, shape, recipe.method, settings, speed.token_lengths(tokenizer, examples),
                       len(examples), recipe.model.attn_implementation, int(os.environ.get("WORLD_SIZE", "1")),
                       half=recipe.model.dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")))
-
-
-def peak_memory_gib(backend: str) -> float:
-    """What training actually used: device allocations, or the process's resident set on CPU."""
-    import resource
-
-    import torch
-
-    peak = (torch.cuda.max_memory_allocated() if backend != "cpu" and torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return round(peak / 2**30, 2)
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
@@ -188,7 +175,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         raise LabError(f"train settings rejected by SFTConfig: {str(e).splitlines()[0]}") from None
     trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
                          processing_class=tokenizer, peft_config=peft_config(recipe),
-                         callbacks=[StopOnNonFiniteLoss()])
+                         callbacks=[stop_on_non_finite_loss()])
     rows = trained_rows(trainer.train_dataset)
     trained_tokens = check_trained_tokens(rows, len(examples))
     if main:
@@ -200,6 +187,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     if not main:
         return out
     history = trainer.state.log_history
+    peak_gib = speed.peak_memory_gib(recipe.backend)
     with (run / "metrics.jsonl").open("w", encoding="utf-8") as f:
         for entry in history:
             f.write(json.dumps(entry) + "\n")
@@ -210,7 +198,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "final_loss": losses[-1] if losses else None, "attn_implementation": attn,
         "packed_rows": len(trainer.train_dataset) if args.packing else None,
-        "peak_memory_gib": peak_memory_gib(recipe.backend),
+        "peak_memory_gib": peak_gib,
     })
     from lab import manifest
 
@@ -232,7 +220,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                      "type": str(trainer.accelerator.distributed_type).split(".")[-1]},
         # what the lab chose for speed and why, its memory estimate, and what training really used
         speed={**(plan.record() if plan else {"enabled": False}), "attn_implementation": attn,
-               "measured_peak_gib": peak_memory_gib(recipe.backend)},
+               "measured_peak_gib": peak_gib},
         environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )

@@ -158,9 +158,9 @@ def test_liger_removes_the_logits_from_the_estimate():
 def test_a_nan_loss_stops_training_in_one_line():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lab.train import StopOnNonFiniteLoss
+    from lab.train import stop_on_non_finite_loss
 
-    callback, state = StopOnNonFiniteLoss(), TrainerState()
+    callback, state = stop_on_non_finite_loss(), TrainerState()
     state.global_step = 7
     args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none")
     callback.on_log(args, state, TrainerControl(), logs={"loss": 1.5})
