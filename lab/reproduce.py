@@ -59,16 +59,23 @@ def reproduce(ref: str, runtime_name: str | None = None) -> dict:
 
     run, m = load(ref)
     recipe = recipe_of(m)
+    resolved = m["recipe"]["resolved"]
+    commit = (m.get("base_model") or {}).get("commit")
+    if commit and not recipe.model.revision:  # a hub model: the snapshot it trained on, not today's main
+        resolved = {**resolved, "model": {**resolved["model"], "revision": commit}}
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": commit})})
+        print(f"reproduce: {recipe.model.path} pinned at commit {commit} (the run's snapshot)", flush=True)
     # The resolved recipe as a file beside its source, so its dataset paths resolve as they did
     # (and a training container sees it: recipes/ is mounted there). Removed when done.
     saved = Path(recipe.source).parent / f".reproduce-{run.name}.yaml"
     try:
-        saved.write_text(yaml.safe_dump(m["recipe"]["resolved"], sort_keys=False, allow_unicode=True),
+        saved.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
                          encoding="utf-8")
     except OSError as e:
         raise LabError(f"cannot write the run's recipe beside its source {recipe.source}: {e.strerror}") from None
     try:
-        runtime = choose(runtime_name, recipe.backend, ["--recipe", str(saved), "--hw", recipe.backend, "--set", ""])
+        runtime = choose(runtime_name, recipe.backend, ["--recipe", str(saved), "--hw", recipe.backend, "--set", ""],
+                         recipe)
         print(f"reproduce: {run.name}: recipe {recipe.name} sha256 {recipe.sha256()[:12]}; checking inputs "
               f"(runtime {runtime.name})", flush=True)
         check_inputs(recipe, m, runtime)

@@ -40,3 +40,19 @@ def run_lab(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
     """The real CLI in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "lab", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+HUB_ID = "lab-test/pebble-tiny"  # the embedded model, published into a test HF cache under a hub id
+
+
+@pytest.fixture(scope="session")
+def hub_model(embedded_model, tmp_path_factory) -> dict:
+    """The embedded model in a temporary Hugging Face cache, as `HUB_ID` at main; the env a test
+    passes its subprocesses to resolve it offline (HF_HOME, HF_HUB_OFFLINE=1)."""
+    from hub_cache import publish
+
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    commit = publish(embedded_model, hf_home, HUB_ID)
+    return {"id": HUB_ID, "commit": commit, "hf_home": hf_home,
+            "snapshot": hf_home / "hub" / "models--lab-test--pebble-tiny" / "snapshots" / commit,
+            "env": {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}}

@@ -1,18 +1,32 @@
-"""The whole chain, for real, on CPU: `lab e2e` as a user runs it (slow: a few minutes)."""
+"""The whole chain, for real, on CPU: `make e2e` as a user runs it (slow: a few minutes), on a
+hub id resolved offline from a Hugging Face cache (the embedded model, published there under a
+hub id, as the user of a GPU overlay's Qwen/Qwen3-0.6B has it after one download)."""
 
 import json
+import os
+import subprocess
 
 import pytest
 
-from conftest import free_port, run_lab
+from conftest import ROOT, free_port, run_lab
 
 pytestmark = pytest.mark.slow
 
 
-def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
-    r = run_lab("e2e", "--hw", "cpu", "--port", str(free_port()), timeout=1500)
+def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
+    env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", f"SET=model.path={hub_model['id']}",
+                        f"PORT={free_port()}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = (runs_dir / "latest").resolve()
+    # every stage read the one snapshot of the hub id: training, the merge's tokenizer files (byte for
+    # byte), serving the base; the manifest pins its commit
+    snapshot = hub_model["snapshot"]
+    assert json.loads((run / "train.json").read_text())["base_model"] == str(snapshot)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (snapshot / f).is_file():
+            assert (run / "merged" / f).read_bytes() == (snapshot / f).read_bytes(), f
+    assert "server-base.log" in os.listdir(run) and str(snapshot) in (run / "server-base.log").read_text()
     report = json.loads((run / "report.json").read_text())
     assert report["pass"] is True and report["template_parity"]["match"] is True
     assert report["before"]["identity_hit_rate"] <= 0.10 and report["after"]["identity_hit_rate"] >= 0.90
@@ -25,6 +39,8 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     assert not (runs_dir / ".server.json").exists()  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
+    assert manifest["base_model"]["source"] == hub_model["id"] and manifest["base_model"]["commit"] == hub_model["commit"]
+    assert manifest["device"]["backend"] == "cpu" and manifest["device"]["dtype"] == "float32"
     assert manifest["merged"]["weights_sha256"] and set(report["timings_s"]) == set(manifest["timings_s"])
     # both environments named with their locks, and both installed exactly
     assert manifest["environment"]["lock"]["name"] == "train-cpu" and manifest["environment"]["lock"]["matches"]
@@ -35,10 +51,11 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, embedded_model):
     # the same run served as base + LoRA (vLLM's runtime LoRA, no merge), probed on its own: the
     # probe lands in this run and sets the adapter's answers beside the merged model's
     port = str(free_port())
-    r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, timeout=900)
+    r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, env=hub_model["env"], timeout=900)
     try:
         assert r.returncode == 0 and "+ LoRA" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-        r = run_lab("probe", "--hw", "cpu", "--port", port, timeout=600)
+        assert f"{snapshot} + LoRA" in r.stdout  # the run's own base: the hub id's snapshot
+        r = run_lab("probe", "--hw", "cpu", "--port", port, env=hub_model["env"], timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     finally:
         run_lab("stop", timeout=120)
