@@ -204,6 +204,10 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
     rows = synthetic_rows(4096 if backend != "cpu" else 512, cfg.vocab_size, scale)
     dataset = Dataset.from_list(rows)
     base = dict(DEFAULTS[backend]["train"])
+    if backend != "cpu":  # bf16 mixed precision where the GPU has it, else fp16 (lab/capability.py)
+        from lab.capability import detect, mixed_precision
+
+        base.update(mixed_precision(detect(backend)))
     device = "cuda" if backend != "cpu" else "cpu"
     dtype = torch.bfloat16 if base.get("bf16") else torch.float32
     peak = matmul_peak(device, dtype)

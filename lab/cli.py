@@ -31,7 +31,8 @@ def _runtime(args, recipe):
     ref = args.recipe
     if Path(ref).expanduser().is_file():  # a path: the container must see it (recipes/ and runs/ are mounted)
         ref = str(Path(ref).expanduser().resolve())
-    rt = choose(args.runtime, recipe.backend, ["--recipe", ref, "--hw", recipe.backend, "--set", args.set or ""])
+    rt = choose(args.runtime, recipe.backend, ["--recipe", ref, "--hw", recipe.backend, "--set", args.set or ""],
+                recipe)
     print(f"lab: runtime {rt.name}", flush=True)
     return rt
 
@@ -91,19 +92,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_resolve(args) -> int:
-    """The local directory of the recipe's base model (built or downloaded on first use)."""
-    from lab.train import resolve_model
+    """The local directory of a base model (built, found, or downloaded into the HF cache)."""
+    from lab.models import resolve
 
-    recipe = _recipe(args)
-    model = resolve_model(recipe)
-    if not Path(model).is_dir():  # a hub id: download it into the cache (HF_HOME), as training would
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            model = snapshot_download(model, revision=recipe.model.revision)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-            raise LabError(f"model {model!r}: not a local directory and not downloadable ({str(e).splitlines()[0][:200]})") from None
+    if args.model:
+        model = resolve(args.model, args.revision)
+    else:
+        recipe = _recipe(args)
+        model = resolve(recipe.model.path, args.revision or recipe.model.revision)
     if args.out:
         from lab.runs import write_json
 
@@ -223,6 +219,10 @@ def cmd_doctor(args) -> int:
     print("kernels:   " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["kernels"].items()) or "-"))
     print(f"free:      {seen['free_memory_gib'] if seen['free_memory_gib'] is not None else '-'} GiB "
           "(what the speed plan sizes micro-batches and checkpointing against)")
+    if seen["gpu_problem"]:
+        print(f"no GPU:    {seen['gpu_problem']}")
+    print("decisions: " + ("; ".join(f"{d['setting']}={d['value']} ({d['why']})" for d in seen["decisions"])
+                           or ("none: no device" if seen["gpu_problem"] else "none")))
     print(f"defaults:  {json.dumps(seen['defaults'])}")
     print(f"speed:     {json.dumps(seen['speed'])}")
     if seen["amd_host"]:
@@ -263,9 +263,16 @@ def cmd_images(args) -> int:
 
     hw = resolve_backend(args.hw)
     containers.prepare_context(args.wheels, args.ca_bundle)
+    env = {}
+    if hw == "rocm":  # torch's device wheels for this host's GPU (or GPU_ARCH)
+        from lab.hardware import gpu_arch
+
+        arch, why = gpu_arch()
+        env["GPU_ARCH"] = arch
+        print(f"images: GPU_ARCH={arch} ({why})", flush=True)
     roles = ("train", "serve") if args.role == "all" else (args.role,)
     for role in roles:
-        svc = containers.service(f"{role}-{hw}")
+        svc = containers.service(f"{role}-{hw}", env)
         containers.build(svc, RUNS_DIR / ".images" / f"{svc['name']}.log", nocache=args.no_cache)
     return 0
 
@@ -388,6 +395,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")
     sub.choices["lock"].add_argument("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
+    sub.choices["resolve"].add_argument("--model", default=None, help="embedded, a model directory or a hub id "
+                                                                      "(default: the recipe's model.path)")
+    sub.choices["resolve"].add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
     images = sub.choices["images"]
     images.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
     images.add_argument("--role", default="all", choices=("all", "train", "serve"))

@@ -5,14 +5,17 @@ Each row is merged under the recipe (the recipe's own keys and `hw.<backend>` ov
 
 from __future__ import annotations
 
+import os
+
 BACKENDS = ("cpu", "cuda", "rocm")
 
 DEFAULTS: dict[str, dict] = {
     # transformers refuses bf16 autocast on a CPU-only run unless told it is one.
     "cpu": {"train": {"use_cpu": True, "bf16": False}, "env": {}},
-    "cuda": {"train": {"bf16": True}, "env": {}},
+    # GPUs: bf16 or fp16 mixed precision is decided from the device (lab/capability.py).
+    "cuda": {"train": {}, "env": {}},
     # SDPA on gfx1151 needs AOTriton's experimental kernels (../shared notes: rocm-gfx1151).
-    "rocm": {"train": {"bf16": True}, "env": {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}},
+    "rocm": {"train": {}, "env": {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}},
 }
 
 
@@ -50,7 +53,6 @@ def detect_backend() -> str:
     try:
         import torch
     except ImportError:
-        import os
         import shutil
 
         return "cuda" if shutil.which("nvidia-smi") else "rocm" if os.path.exists("/dev/kfd") else "cpu"
@@ -97,7 +99,14 @@ def attention_usable(name: str, backend: str) -> bool:
             from transformers.utils import is_flash_attn_2_available
         except ImportError:
             return False
-        return _gpu(backend) and is_flash_attn_2_available()
+        if not (_gpu(backend) and is_flash_attn_2_available()):
+            return False
+        import torch
+
+        from lab.capability import FLASH_ATTENTION_MIN_SM
+
+        major, minor = torch.cuda.get_device_capability()
+        return backend == "cuda" and major * 10 + minor >= FLASH_ATTENTION_MIN_SM
     return False
 
 
@@ -109,7 +118,6 @@ def kernel_usable(name: str, backend: str) -> bool:
 def amd_host(root: str = "/") -> dict | None:
     """What an AMD GPU host needs beyond drivers (../shared notes: rocm-gfx1151): the kernel, how much
     memory the GPU may map (GTT; by default about half of RAM on an APU), and the device groups."""
-    import os
     import platform
     from pathlib import Path
 
@@ -126,6 +134,32 @@ def amd_host(root: str = "/") -> dict | None:
     return {"kernel": platform.release(), "gtt_gib": gtt, "groups_missing": missing, "notes": notes}
 
 
+def amd_arch(root: str = "/") -> str | None:
+    """The AMD GPU architecture (gfx1151, gfx942, gfx90a, ...) from the kernel driver's topology,
+    which needs no ROCm userspace: `make setup` and `make images` pick torch's device wheels by it.
+    gfx_target_version is major*10000 + minor*100 + stepping (90010 -> gfx90a, 110501 -> gfx1151)."""
+    from pathlib import Path
+
+    found = []
+    for props in sorted(Path(root).glob("sys/class/kfd/kfd/topology/nodes/*/properties")):
+        for line in props.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "gfx_target_version" and value.strip().isdigit() and int(value) > 0:  # 0: a CPU node
+                v = int(value)
+                found.append(f"gfx{v // 10000}{v // 100 % 100:x}{v % 100:x}")
+    return found[0] if found else None
+
+
+def gpu_arch() -> tuple[str, str]:
+    """(AMD architecture, why): GPU_ARCH if set, else this host's GPU, else gfx1151 (Strix Halo).
+    The one name for it: make setup, make images, compose (lab-train:rocm-<arch>) and doctor."""
+    if os.environ.get("GPU_ARCH"):
+        return os.environ["GPU_ARCH"], "set by GPU_ARCH"
+    if arch := amd_arch():
+        return arch, "read from the amdgpu driver's topology (/sys/class/kfd)"
+    return "gfx1151", "no AMD GPU seen here: the default, Strix Halo"
+
+
 def _group_name(gid: int) -> str | None:
     import grp
 
@@ -135,14 +169,17 @@ def _group_name(gid: int) -> str | None:
         return None
 
 
-def doctor(hw: str = "auto") -> dict:
-    """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it."""
+def doctor(hw: str = "auto", recipe: str = "identity-lora") -> dict:
+    """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it, with
+    every decision taken from the device (precision, weight dtype, AMD architecture) and why."""
     from lab.manifest import hardware
 
     backend = resolve_backend(hw)
     seen = hardware(backend)
     attention: dict = {}
     kernels: dict = {}
+    decisions: list[dict] = []
+    problem = None
     try:
         import torch
     except ImportError:  # a host that only drives containers
@@ -152,10 +189,31 @@ def doctor(hw: str = "auto") -> dict:
         seen["bf16"] = bool(_gpu(backend) and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
         attention = {a: attention_usable(a, backend) for a in ("eager", "sdpa", "flex_attention", "flash_attention_2")}
         kernels = {k: kernel_usable(k, backend) for k in ("liger_kernel", "triton")}
+        decisions, problem = _decisions(backend, recipe)
+    if backend == "rocm" or amd_arch():
+        arch, why = gpu_arch()
+        decisions.append({"setting": "GPU_ARCH", "value": arch, "why": f"{why}; torch's device-{arch} wheels "
+                          f"(make setup) and lab-train:rocm-{arch} (make images)"})
     free = None
     if torch is not None and (backend == "cpu" or _gpu(backend)):
         from lab.speed import free_memory
 
         free = round(free_memory(backend) / 2**30, 1)
-    return {**seen, "attention": attention, "kernels": kernels, "free_memory_gib": free,
-            "defaults": DEFAULTS[backend], "speed": SPEED[backend], "amd_host": amd_host()}
+    return {**seen, "attention": attention, "kernels": kernels, "free_memory_gib": free, "gpu_problem": problem,
+            "decisions": decisions, "defaults": DEFAULTS[backend], "speed": SPEED[backend], "amd_host": amd_host()}
+
+
+def _decisions(backend: str, recipe_name: str) -> tuple[list[dict], str | None]:
+    """The device's decisions for a recipe (default: identity-lora), or why there is no device."""
+    from lab import capability
+    from lab.errors import LabError
+    from lab.recipe import load_recipe
+
+    try:
+        device = capability.detect(backend)
+        recipe = load_recipe(recipe_name, hw=backend, check_train=False)
+        _, _, decisions = capability.decide(recipe, device)
+    except LabError as e:
+        return [], str(e)
+    return [{"setting": "device", "value": device.name, "why": f"{device.arch or backend}, bf16 "
+             f"{'native' if device.bf16 else 'no'}"}, *decisions], None

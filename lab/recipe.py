@@ -34,7 +34,8 @@ class Section(BaseModel):
 class ModelSpec(Section):
     path: str = Field(EMBEDDED, description="local HF model dir, hub id, or 'embedded'")
     revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights while training and in merged/; auto: the device's best (lab/capability.py)")
     attn_implementation: str = Field("auto", description="a transformers attn_implementation, or auto: the "
                                      "first usable of hardware.SPEED's list for the backend (sdpa on CPU)")
 

@@ -13,25 +13,17 @@ import math
 import os
 from pathlib import Path
 
-from lab import speed
+from lab import capability, speed
 from lab.errors import LabError
 from lab.hardware import DEFAULTS as HW_DEFAULTS
 from lab.launch import is_main_process
-from lab.recipe import EMBEDDED, Recipe
+from lab.models import resolve_model, snapshot_commit
+from lab.recipe import Recipe
 from lab.runs import write_json
 
 # Lab defaults under the recipe's `train` keys (the recipe wins): quiet, local, resumable.
 TRAIN_DEFAULTS = dict(report_to="none", logging_steps=5, save_strategy="epoch", save_total_limit=1)
 PARITY_SAMPLES = 4
-
-
-def resolve_model(recipe: Recipe) -> str:
-    if recipe.model.path == EMBEDDED:
-        from lab.fixture import ensure_fixture
-
-        return str(ensure_fixture())
-    local = Path(recipe.model.path).expanduser()
-    return str(local.resolve()) if local.exists() else recipe.model.path  # else: a hub id
 
 
 def peft_config(recipe: Recipe):
@@ -109,7 +101,7 @@ def stop_on_non_finite_loss():
     return StopOnNonFiniteLoss()
 
 
-def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict):
+def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict, dtype: str):
     """lab/speed.py's choices for this run (None when the recipe sets speed: false)."""
     if not recipe.speed:
         return None
@@ -119,7 +111,7 @@ def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], setti
     shape = speed.model_shape(config, recipe.lora.r if recipe.method == "lora" else 0, recipe.lora.target_modules)
     return speed.plan(recipe.backend, shape, recipe.method, settings, speed.token_lengths(tokenizer, examples),
                       len(examples), recipe.model.attn_implementation, int(os.environ.get("WORLD_SIZE", "1")),
-                      half=recipe.model.dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")))
+                      half=dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")))
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
@@ -141,6 +133,14 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     checkpoints = run / "checkpoints"
     if resume and not any(checkpoints.glob("checkpoint-*")):
         raise LabError(f"RESUME=1 but {checkpoints} holds no checkpoint to resume from")
+    # What this device runs (precision, weight dtype), before anything heavy loads; a GPU backend
+    # that sees no GPU stops here with the cause.
+    device = capability.detect(recipe.backend)
+    dtype, device_settings, decisions = capability.decide(recipe, device)
+    if main:
+        print(f"device: {device.name} ({device.arch or recipe.backend})")
+        for d in decisions:
+            print(f"device: {d['setting']}={d['value']} ({d['why']})")
     base = resolve_model(recipe)
 
     import torch
@@ -154,8 +154,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     if not tokenizer.chat_template:
         raise LabError(f"model {base!r} has no chat template; use an instruct/chat model")
 
-    settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train}
-    plan = speed_plan(recipe, base, tokenizer, examples, settings)
+    settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train, **device_settings}
+    plan = speed_plan(recipe, base, tokenizer, examples, settings, dtype)
     attn = plan.attn_implementation if plan else recipe.model.attn_implementation.replace("auto", "sdpa")
     if plan:
         settings.update(plan.settings)
@@ -167,7 +167,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     try:
         args = SFTConfig(
             output_dir=str(checkpoints), seed=recipe.seed,
-            model_init_kwargs={"dtype": recipe.model.dtype, "attn_implementation": attn,
+            model_init_kwargs={"dtype": dtype, "attn_implementation": attn,
                                "revision": recipe.model.revision},
             **settings,
         )
@@ -193,7 +193,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
             f.write(json.dumps(entry) + "\n")
     losses = [e["loss"] for e in history if "loss" in e]
     write_json(run / "train.json", {
-        "base_model": base, "method": recipe.method, "dtype": recipe.model.dtype, "output": out.name,
+        "base_model": base, "method": recipe.method, "dtype": dtype, "output": out.name,
         "examples": len(examples), "trained_tokens_per_epoch": trained_tokens, "sources": sources,
         "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "final_loss": losses[-1] if losses else None, "attn_implementation": attn,
@@ -210,8 +210,9 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                   for s in sources],
         # A hub download lives in .../snapshots/<commit>/: that commit pins what "main" meant then.
         base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
-                    "commit": Path(base).name if Path(base).parent.name == "snapshots" else None,
-                    "weights_sha256": manifest.weights_sha256(base)},
+                    "commit": snapshot_commit(base), "weights_sha256": manifest.weights_sha256(base)},
+        # what this device could run, and what was decided from it (precision, weight dtype)
+        device={**device.record(), "dtype": dtype, "decisions": decisions},
         output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
         seeds={"seed": recipe.seed, "data_seed": args.data_seed, "deterministic": recipe.deterministic,
                "full_determinism": args.full_determinism, "torch_threads": torch.get_num_threads()},
