@@ -25,7 +25,8 @@ B       ?=
 # else docker when an engine answers, else local.
 RUNTIME ?=
 WHEELS  ?=
-GPU_ARCH ?= gfx1151
+# AMD GPU architecture (gfx1151, gfx942, ...): this host's, read from the amdgpu driver, unless set.
+GPU_ARCH ?= $(shell $(PYTHON) -c 'from lab.hardware import gpu_arch; print(gpu_arch()[0])' 2>/dev/null || echo gfx1151)
 CA_BUNDLE ?=
 LOCK    ?=
 # PyTorch's CPU wheels (requirements/torch-cpu.txt) come from their own index; set it empty to
@@ -33,7 +34,7 @@ LOCK    ?=
 LAB_CPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export LAB_CPU_TORCH_INDEX_URL
 # Which pinned environment to install (requirements/*-<PINS>.txt): the GPU a host has, else cpu.
-PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || (command -v rocminfo >/dev/null 2>&1 && echo rocm) || echo cpu))
+PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || ( (command -v rocminfo || test -e /dev/kfd) >/dev/null 2>&1 && echo rocm) || echo cpu))
 
 VENV     := .venv
 TRAIN_PY := $(VENV)/train/bin/python

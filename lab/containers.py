@@ -115,9 +115,10 @@ def binds(svc: dict) -> list[tuple[Path, str, str]]:
 
 
 def to_container(svc: dict, host_path: Path | str) -> str:
-    """Where a host file appears inside the service's container (it must be under a mount)."""
+    """Where a host file appears inside the service's container (it must be under a mount; the
+    deepest mount wins, as in the container)."""
     host_path = Path(host_path).resolve()
-    for host, container, _ in binds(svc):
+    for host, container, _ in sorted(binds(svc), key=lambda b: len(b[0].parts), reverse=True):
         if host_path == host or host in host_path.parents:
             return str(Path(container) / host_path.relative_to(host))
     mounts = ", ".join(str(h) for h, _, _ in binds(svc))
@@ -126,10 +127,31 @@ def to_container(svc: dict, host_path: Path | str) -> str:
 
 
 def to_host(svc: dict, container_path: str) -> Path:
-    for host, container, _ in binds(svc):
+    for host, container, _ in sorted(binds(svc), key=lambda b: len(Path(b[1]).parts), reverse=True):
         if container_path == container or container_path.startswith(container.rstrip("/") + "/"):
             return host / os.path.relpath(container_path, container)
     raise LabError(f"{container_path} is inside the {svc['name']} container only")
+
+
+# Where the images keep what they run; a user file is never mounted over (or above) these.
+IMAGE_PATHS = ("/opt/lab", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", "/sys", "/dev", "/var",
+               "/runs", "/cache")
+
+
+def user_mount(host_path: Path | str) -> str:
+    """A read-only bind of a user's file or directory at the same path inside the container, so
+    paths in a recipe mean the same there as here (compose's volume syntax)."""
+    p = Path(host_path).resolve()
+    if not p.exists():
+        raise LabError(f"{p} does not exist")
+    if ":" in str(p) or "," in str(p):
+        raise LabError(f"{p}: a path with ':' or ',' cannot be mounted into a container; rename or move it")
+    clash = next((d for d in IMAGE_PATHS if Path(d) in p.parents), None) or next(  # inside, or over (HOME=/tmp)
+        (d for d in (*IMAGE_PATHS, "/tmp") if p == Path(d) or p in Path(d).parents), None)
+    if clash or p == Path("/"):
+        raise LabError(f"{p} would be mounted over the container's own {clash or '/'}; move it to a directory "
+                       "of its own (or under runs/) for RUNTIME=docker")
+    return f"{p}:{p}:ro"
 
 
 def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None = None) -> dict:

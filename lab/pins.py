@@ -155,9 +155,17 @@ def installed(prefix: Path | None = None) -> dict[str, str]:
     return found
 
 
+def same_version(locked: str, have: str) -> bool:
+    """A lock without a local label (torch==2.13.0) is met by the same release with one
+    (2.13.0+cu130, as the pytorch/pytorch image ships it): PEP 440 matching, as pip installs it."""
+    return have == locked or ("+" not in locked and have.split("+")[0] == locked)
+
+
 def drift(prefix: Path | None = None) -> dict | None:
     """The environment's lock (the copy install.sh left in it) against what is installed now.
 
+    `extra` lists only what the environment itself holds: a venv over a base image's
+    site-packages (pytorch/pytorch, the vLLM images) sees the base's own packages too.
     None for an environment not installed from a lock (e.g. an official vLLM image)."""
     from lab.manifest import sha256_file
 
@@ -168,8 +176,9 @@ def drift(prefix: Path | None = None) -> dict | None:
     first = copy.read_text(encoding="utf-8").splitlines()[0]
     name = m.group(1) if (m := re.search(r"Lock for the (\S+) environment", first)) else None
     want, have = read_pins(copy), installed(None if prefix == Path(sys.prefix) else prefix)
-    differs = {n: [v, have[n]] for n, v in want.items() if n in have and have[n] != v}
+    own = installed(prefix)
+    differs = {n: [v, have[n]] for n, v in want.items() if n in have and not same_version(v, have[n])}
     return {"name": name, "sha256": sha256_file(copy), "packages": len(want),
             "matches": not differs and want.keys() <= have.keys(),
             "differs": differs, "missing": sorted(set(want) - set(have)),
-            "extra": sorted(set(have) - set(want))}
+            "extra": sorted(set(own) - set(want))}

@@ -29,10 +29,10 @@ class Local:
         self.recipe_argv = list(recipe_argv or [])
 
     def base_model(self, recipe: Recipe, model: str | None = None) -> str:
-        from lab.train import resolve_model
+        """The base model's local directory: built, found, or a hub snapshot in the HF cache."""
+        from lab.models import resolve
 
-        return resolve_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": model})})
-                             if model else recipe)
+        return resolve(model, None) if model else resolve(recipe.model.path, recipe.model.revision)
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
         if gpus > 1:  # the same `lab train`, once per device, under accelerate launch
@@ -64,55 +64,98 @@ class Local:
 
 
 class Docker:
-    """Stages in containers of compose.yaml's `train-<hw>` and `serve-<hw>` services."""
+    """Stages in containers of compose.yaml's `train-<hw>` and `serve-<hw>` services.
+
+    runs/, the lab's cache and the Hugging Face cache (HF_HOME) are compose's mounts; any other
+    file a recipe names (the recipe itself, datasets, probe questions, a model directory, a vLLM
+    config) is bound read-only at its own path, so every path means the same in a container as
+    here."""
 
     name = "docker"
 
-    def __init__(self, backend: str, recipe_argv: list[str]):
+    def __init__(self, backend: str, recipe_argv: list[str], recipe: Recipe | None = None):
         from lab import containers
 
         self.c = containers
         self.backend = backend
         self.cache_dir = Path(os.environ.get("LAB_CACHE_DIR") or containers.ROOT / ".cache").resolve()
-        self._specs: dict[str, dict] = {}
+        self.hf_home = hf_home()
+        self.mounts: dict[str, str] = {}  # host path -> compose volume spec (user files)
         containers.client()  # fail now, in one line, if no engine answers
         self.recipe_argv = list(recipe_argv)
         if "--recipe" in self.recipe_argv:  # a recipe file given by path: where the container sees it
             i = self.recipe_argv.index("--recipe") + 1
             if Path(self.recipe_argv[i]).is_absolute():
-                self.recipe_argv[i] = containers.to_container(self.spec("train"), Path(self.recipe_argv[i]))
+                self.recipe_argv[i] = self.visible(Path(self.recipe_argv[i]))
+        if recipe is not None:
+            self.mount_inputs(recipe)
 
     def env(self, **extra: str) -> dict[str, str]:
         uid, gid = os.getuid(), os.getgid()
         if uid == 0:  # root on the host: containers still run as the image's non-root user
             uid = gid = CONTAINER_UID
         env = {"LAB_RUNS_DIR": str(runs.RUNS_DIR.resolve()), "LAB_CACHE_DIR": str(self.cache_dir),
-               "LAB_UID": str(uid), "LAB_GID": str(gid)}
+               "LAB_HF_HOME": str(self.hf_home), "LAB_UID": str(uid), "LAB_GID": str(gid)}
         if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
             env["LAB_RENDER_GID"] = str(Path("/dev/kfd").stat().st_gid)
+        if self.backend == "rocm":  # which lab-train:rocm-<arch> image: this host's GPU unless GPU_ARCH says
+            from lab.hardware import gpu_arch
+
+            env["GPU_ARCH"] = gpu_arch()[0]
         return {**env, **extra}
 
-    def spec(self, role: str) -> dict:
-        """The service as compose.yaml resolves it for this host (read once; for mounts and paths)."""
-        if role not in self._specs:
-            self._specs[role] = self.c.service(f"{role}-{self.backend}", self.env())
-        return self._specs[role]
+    def spec(self, role: str, **extra: str) -> dict:
+        """The service as compose.yaml resolves it for this host, plus the user files' mounts."""
+        svc = self.c.service(f"{role}-{self.backend}", self.env(**extra))
+        svc["volumes"] = [*(svc.get("volumes") or []), *self.mounts.values()]
+        return svc
 
     def service(self, role: str, **extra: str) -> dict:
-        svc = self.c.service(f"{role}-{self.backend}", self.env(**extra))
+        svc = self.spec(role, **extra)
         self.c.ensure_image(svc, runs.RUNS_DIR / ".images" / f"{svc['name']}.log")
         return svc
 
+    def visible(self, host_path: Path) -> str:
+        """A host path as the containers see it: under compose's mounts, or bound at its own path."""
+        try:
+            return self.c.to_container(self.spec("train"), host_path)
+        except LabError:
+            self.mounts[str(Path(host_path).resolve())] = self.c.user_mount(host_path)
+            return str(Path(host_path).resolve())
+
+    def mount_inputs(self, recipe: Recipe) -> None:
+        """Every local file the recipe reads, visible in the containers at the path it names."""
+        def named(path: str, what: str) -> None:
+            if path.startswith("~") or (what == "model.path" and not Path(path).is_absolute()):
+                raise LabError(f"{what} {path!r}: give an absolute path with RUNTIME=docker (a container has "
+                               "another home and working directory)")
+
+        for i, ds in enumerate(recipe.datasets):
+            local = recipe.resolve_path(ds.path)
+            if local.exists():
+                named(ds.path, f"datasets.{i}.path")
+                self.visible(local)
+        questions = recipe.resolve_path(recipe.probe.questions)
+        if questions.is_file():
+            named(recipe.probe.questions, "probe.questions")
+            self.visible(questions)
+        if recipe.model.path != "embedded" and Path(recipe.model.path).expanduser().exists():
+            named(recipe.model.path, "model.path")
+            self.visible(Path(recipe.model.path))
+
     def _writable(self, *dirs: Path) -> None:
-        """Directories the containers write into; as root we hand them to the image's user."""
+        """Directories the containers write into; as root we hand them to the image's user (only
+        those the lab creates: an existing HF cache keeps its owner)."""
         for d in dirs:
+            if d.is_dir():
+                continue
             d.mkdir(parents=True, exist_ok=True)
             if os.getuid() == 0:
                 os.chown(d, CONTAINER_UID, CONTAINER_UID)
 
     def lab(self, *argv: str, log: Path) -> None:
         """`python -m lab ARGV` in the training container."""
-        self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab", self.cache_dir / "huggingface")
+        self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab", self.hf_home)
         svc = self.service("train")
         print(f"docker: {svc['image']}: lab {' '.join(argv)}", flush=True)
         code = self.c.run(svc, list(argv), log)
@@ -120,27 +163,48 @@ class Docker:
             raise LabError(f"`lab {argv[0]}` in the {svc['image']} container exited with {code} (log: {log})")
 
     def base_model(self, recipe: Recipe, model: str | None = None) -> str:
+        """The base model's directory as the containers see it: a local directory is bound at its
+        own path; the embedded model and hub snapshots are resolved in the training container, into
+        the mounted caches (so a hub id downloads once, honouring HF_HUB_OFFLINE)."""
+        path, revision = (model, None) if model else (recipe.model.path, recipe.model.revision)
+        if path != "embedded" and Path(path).expanduser().is_dir():
+            return self.visible(Path(path).expanduser())
         out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
-        svc = self.spec("train")
-        argv = [*self.recipe_argv, *(["--set", f"model.path={model}"] if model else [])]
         try:
-            self.lab("resolve", *argv, "--out", self.c.to_container(svc, out), log=runs.RUNS_DIR / "resolve.log")
+            self.lab("resolve", "--model", path, *(["--revision", revision] if revision else []),
+                     "--out", self.c.to_container(self.spec("train"), out), log=runs.RUNS_DIR / "resolve.log")
             return json.loads(out.read_text())["model"]
         finally:
             out.unlink(missing_ok=True)
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
+        self.mount_inputs(recipe)
         self._writable(run)
         self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
                  *(["--resume"] if resume else []), *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 else []),
                  log=run / "train.log")
 
     def merge(self, run: Path) -> Path:
+        from lab.recipe import load_saved
+
+        # what the merge reads besides the run: the base (train.json, as the container saw it) and
+        # the probe questions of the run's recipe; user files were bound at their own paths
+        saved = load_saved(run)
+        base = runs.read_json(run / "train.json", "make train")["base_model"]
+        for path in (base, str(saved.resolve_path(saved.probe.questions))):
+            self._bind_if_user_file(path)
         self.lab("merge", "--run", self.c.to_container(self.spec("train"), run), log=run / "merge.log")
         return run / "merged"
 
+    def _bind_if_user_file(self, container_path: str) -> None:
+        try:
+            self.c.to_host(self.spec("train"), container_path)  # under compose's mounts (or an image path)
+        except LabError:
+            if Path(container_path).exists():  # bound at its own path when it was trained
+                self.visible(Path(container_path))
+
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import check_free, check_model_dir, engine_args, parallel_env, wait_healthy
+        from lab.serve import check_free, check_model_dir, engine_args, parallel_env, serve_config, wait_healthy
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
@@ -148,6 +212,8 @@ class Docker:
         check_model_dir(self.host_path(model))
         host_network = self.c.network() == "host"
         name = recipe.serve.served_model_name
+        # the recipe's own vLLM config instead of the image's serve/<hw>.yaml, bound in like any user file
+        config = self.visible(serve_config(recipe)) if recipe.serve.config != "auto" else None
         svc = self.service("serve", LAB_MODEL=model, LAB_PORT=str(port),
                            LAB_SERVED_MODEL_NAME=f"{name}-base" if adapter else name,
                            LAB_CHAT_TEMPLATE_KWARGS=json.dumps(recipe.chat_template_kwargs),
@@ -156,6 +222,8 @@ class Docker:
                            # sharing the host's network, listen on loopback only, as the local runtime does
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
         svc["command"] = [*svc["command"], *engine_args(recipe, adapter)]  # tensor parallelism, runtime LoRA
+        if config:
+            svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         container = self.c.start(svc, log)
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"],
@@ -176,14 +244,25 @@ class Docker:
         return None
 
     def served_path(self, host_path: Path) -> str:
-        return self.c.to_container(self.spec("serve"), host_path)
+        try:
+            return self.c.to_container(self.spec("serve"), host_path)
+        except LabError:
+            return self.visible(host_path)
 
     def host_path(self, path: str) -> Path:
         return self.c.to_host(self.spec("serve"), path)
 
 
-def choose(name: str, backend: str, recipe_argv: list[str]):
-    """RUNTIME=auto: docker when an engine answers, else local."""
+def hf_home() -> Path:
+    """The host's Hugging Face cache (huggingface_hub's own default), shared by both runtimes:
+    mounted at /cache/huggingface in the containers, so a model downloaded once serves both."""
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser().resolve()
+
+
+def choose(name: str, backend: str, recipe_argv: list[str], recipe: Recipe | None = None):
+    """RUNTIME=auto: docker when an engine answers, else local. The docker runtime binds the files
+    `recipe` reads into its containers."""
     name = name or os.environ.get("LAB_RUNTIME") or "auto"
     if name not in RUNTIMES:
         raise LabError(f"RUNTIME={name!r} is not one of {', '.join(RUNTIMES)}")
@@ -191,4 +270,4 @@ def choose(name: str, backend: str, recipe_argv: list[str]):
         from lab.containers import engine_available
 
         name = "docker" if engine_available() else "local"
-    return Docker(backend, recipe_argv) if name == "docker" else Local(recipe_argv)
+    return Docker(backend, recipe_argv, recipe) if name == "docker" else Local(recipe_argv)

@@ -120,6 +120,26 @@ def test_paths_map_between_host_and_container(tmp_path):
     assert containers.to_host(svc, "/cache/lab/fixture-1") == tmp_path / "c" / "lab" / "fixture-1"
     with pytest.raises(LabError, match="not visible in the serve-cpu container"):
         containers.to_container(svc, tmp_path / "elsewhere")
+    # the Hugging Face cache is its own mount inside /cache: the deepest mount wins both ways
+    svc = containers.service("train-cpu", {"LAB_CACHE_DIR": str(tmp_path / "c"), "LAB_HF_HOME": str(tmp_path / "hf")})
+    snap = "/cache/huggingface/hub/models--o--m/snapshots/abc"
+    assert containers.to_host(svc, snap) == tmp_path / "hf" / "hub/models--o--m/snapshots/abc"
+    assert containers.to_container(svc, tmp_path / "hf" / "hub") == "/cache/huggingface/hub"
+
+
+def test_user_files_are_bound_read_only_at_their_own_path_and_never_over_the_image(tmp_path):
+    (tmp_path / "data.json").write_text("[]")
+    assert containers.user_mount(tmp_path / "data.json") == f"{tmp_path}/data.json:{tmp_path}/data.json:ro"
+    svc = {"name": "train-cpu", "volumes": [containers.user_mount(tmp_path / "data.json")]}
+    assert containers.to_container(svc, tmp_path / "data.json") == str(tmp_path / "data.json")
+    for path, says in (("/usr/share", "over the container's own /usr"), ("/opt", "over the container's own /opt/lab"),
+                       ("/tmp", "over the container's own /tmp"), ("/", "over the container's own"),
+                       (str(tmp_path / "missing"), "does not exist")):
+        with pytest.raises(LabError, match=says):
+            containers.user_mount(path)
+    (tmp_path / "a:b").mkdir()
+    with pytest.raises(LabError, match="cannot be mounted"):
+        containers.user_mount(tmp_path / "a:b")
 
 
 def test_unmapped_compose_keys_are_refused(tmp_path, monkeypatch):
@@ -141,7 +161,8 @@ def test_dockerfiles_take_their_base_as_argument_and_run_as_non_root():
     for dockerfile in (ROOT / "docker").glob("*.Dockerfile"):
         text = dockerfile.read_text()
         assert text.split("FROM", 1)[0].count("ARG BASE_IMAGE=") == 1
-        assert all(line.split()[1] in ("${BASE_IMAGE}", "scratch") for line in text.splitlines() if line.startswith("FROM"))
+        froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM")]
+        assert froms[0] == "${BASE_IMAGE}" and set(froms) == {"${BASE_IMAGE}", "base", "scratch"}
         assert re.findall(r"^USER (\S+)", text, re.M) == ["${LAB_UID}"] and "ARG LAB_UID=1000" in text
 
 
@@ -159,6 +180,13 @@ def test_images_install_the_same_pins_as_make_setup():
         assert services[f"serve-{hw}"]["build"]["args"]["BASE_IMAGE"].endswith(f":v{pin(f'serve-{hw}.txt', 'vllm')}")
     assert "device-gfx1151" in (ROOT / "requirements" / "torch-rocm.txt").read_text()
     assert services["train-rocm"]["build"]["args"]["GPU_ARCH"] == "gfx1151"
+    # one name for the AMD architecture, in compose, the Makefile and the installers
+    gfx942 = containers.services({"GPU_ARCH": "gfx942"})["train-rocm"]
+    assert gfx942["image"] == "lab-train:rocm-gfx942" and gfx942["build"]["args"]["GPU_ARCH"] == "gfx942"
+    for f in ("compose.yaml", "Makefile", "requirements/install.sh", "docker/train.Dockerfile", "README.md"):
+        assert "LAB_GPU_ARCH" not in (ROOT / f).read_text(), f
+    # what the ROCm training image must have to run at all: libatomic for AMD's torch, a compiler for Triton
+    assert set(services["train-rocm"]["build"]["args"]["APT_PACKAGES"].split()) >= {"libatomic1", "gcc"}
 
 
 def test_build_options_refuse_bad_input(tmp_path):

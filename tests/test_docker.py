@@ -7,11 +7,15 @@ one and a skip would hide a broken setup, so they fail instead.
 
 import json
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, free_port
+from hub_cache import readable
 
 from lab import containers
 
@@ -44,16 +48,53 @@ def test_images_run_as_their_non_root_user(images):
     assert "fine-tune with TRL SFTTrainer" in help_text  # the lab CLI is the entrypoint
     env = images.images.get("lab-serve:cpu").attrs["Config"]["Env"]
     assert "LAB_SERVE_CONFIG=/opt/lab/app/serve/cpu.yaml" in env
+    # a GPU serving image that sees no GPU stops at start, in one line naming the cause (the same
+    # entrypoint runs in lab-serve:cuda and :rocm; here the CPU image plays one, with no GPU given)
+    for pins, says in (("cuda", "NVIDIA Container Toolkit"), ("rocm", "no /dev/kfd")):
+        c = images.containers.run("lab-serve:cpu", environment={"LAB_PINS": pins}, detach=True, network_mode="none")
+        try:
+            assert c.wait(timeout=120)["StatusCode"] == 3
+            (line,) = c.logs().decode().strip().splitlines()
+            assert line.startswith("serve: ") and says in line
+        finally:
+            c.remove(force=True)
 
 
-def test_e2e_in_containers(images, tmp_path):
-    """Base model probed in the serve container, trained and merged in the train container,
-    merged model served and probed again: the same outputs under runs/ as the local runtime."""
+def user_files(tmp_path, hub_id: str) -> Path:
+    """A user's own recipe outside the repo, as a user writes one: a hub model, datasets beside it
+    and elsewhere, its own probe questions and its own vLLM config (world-readable, as a file a
+    container's user reads)."""
+    home = tmp_path / "user"
+    (home / "data").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(ROOT / "recipes/data/identity.json", home / "data" / "identity.json")
+    shutil.copy(ROOT / "recipes/data/general-replay.json", elsewhere / "replay.json")
+    shutil.copy(ROOT / "recipes/data/identity-probe.yaml", home / "probe.yaml")
+    (home / "vllm.yaml").write_text((ROOT / "serve/cpu.yaml").read_text().replace("max-num-seqs: 16", "max-num-seqs: 7"))
+    recipe = yaml.safe_load((ROOT / "recipes/identity-lora.yaml").read_text())
+    recipe["model"]["path"] = hub_id
+    recipe["datasets"] = [{"path": "data/identity.json"}, {"path": str(elsewhere / "replay.json")}]
+    recipe["probe"]["questions"] = "probe.yaml"
+    recipe["serve"] = {"config": str(home / "vllm.yaml")}
+    (home / "my-recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    for d in (home, elsewhere):
+        readable(d)
+    return home / "my-recipe.yaml"
+
+
+def test_e2e_in_containers(images, tmp_path, hub_model):
+    """The real user's path in containers: a hub id resolved offline from the mounted HF cache,
+    their own recipe, data, probe questions and vLLM config outside the repo. Base model probed in
+    the serve container, trained and merged in the train container, merged model served and probed
+    again: the same outputs under runs/ as the local runtime. Then the adapter over its base with
+    vLLM's runtime LoRA, and a rerun from the manifest."""
     runs_dir = tmp_path / "runs"
-    env = {**os.environ, "LAB_RUNS": str(runs_dir)}
+    recipe = user_files(tmp_path, hub_model["id"])
+    env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
     env.pop("LAB_RUNTIME", None)  # the Makefile's RUNTIME decides
-    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=docker", f"PORT={free_port()}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=2400)
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=docker", f"RECIPE={recipe}", f"PORT={free_port()}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     print(r.stdout[-6000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "runtime docker" in r.stdout and "e2e: PASS" in r.stdout
@@ -64,9 +105,18 @@ def test_e2e_in_containers(images, tmp_path):
     for name in ("adapter", "merged", "train.json", "parity.json", "probe-before.json", "probe-after.json",
                  "server-base.log", "server-merged.log", "train.log", "report.md"):
         assert (run / name).exists(), name
-    assert json.loads((run / "train.json").read_text())["base_model"].startswith("/cache/lab/fixture-")
+    # the hub id, resolved in the container from the mounted cache: its snapshot, pinned by commit
+    snapshot = f"/cache/huggingface/hub/models--lab-test--pebble-tiny/snapshots/{hub_model['commit']}"
+    assert json.loads((run / "train.json").read_text())["base_model"] == snapshot
+    assert (run / "merged" / "tokenizer.json").read_bytes() == (hub_model["snapshot"] / "tokenizer.json").read_bytes()
+    # the user's files, read where they lie: their data, their probe, their vLLM config (max-num-seqs 7)
+    assert [Path(s["path"]).name for s in json.loads((run / "train.json").read_text())["sources"]] == \
+        ["identity.json", "replay.json"]
+    assert "max_num_seqs': 7" in (run / "server-merged.log").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "docker" and manifest["probe"]["pass"] is True
+    assert manifest["base_model"]["commit"] == hub_model["commit"]
+    assert manifest["recipe"]["source"] == str(recipe)
     assert manifest["environment"]["container"]["image"] == "lab-train:cpu"
     assert manifest["environment"]["container"]["image_id"] == images.images.get("lab-train:cpu").id
     # the image's own lock, installed exactly, and the commit it was built from
@@ -77,14 +127,16 @@ def test_e2e_in_containers(images, tmp_path):
     # nothing left running
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 
-    # the same run's adapter over the base with vLLM's runtime LoRA in the serving image (no merge):
-    # its probe lands in the run and is compared with the merged model's answers
+    # the same run's adapter over its own base (the hub snapshot) with vLLM's runtime LoRA in the
+    # serving image (no merge): its probe lands in the run and is compared with the merged model's answers
     port = str(free_port())
     try:
         for target in ("serve", "probe"):
             r = subprocess.run(["make", target, "ADAPTER=1", f"RUN={run}", "HW=cpu", "RUNTIME=docker", f"PORT={port}"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            if target == "serve":
+                assert f"{snapshot} + LoRA" in r.stdout
     finally:
         subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=300)
     (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
@@ -92,16 +144,17 @@ def test_e2e_in_containers(images, tmp_path):
     assert entry["serving"]["model"].endswith("/adapter") and entry["agreement_with_merged"] >= 0.75
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
 
-    # make reproduce in the training image, from that run's manifest alone: same image, same
-    # CPU, so the same-host (exact) tolerances apply
+    # make reproduce in the training image, from that run's manifest alone, the hub model pinned at
+    # the run's commit: same image, same CPU, so the same-host (exact) tolerances apply
     r = subprocess.run(["make", "reproduce", f"RUN={run}", "RUNTIME=docker"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1800)
     print(r.stdout[-4000:], r.stderr[-2000:])
     assert r.returncode == 0 and "runtime docker" in r.stdout and "compare: PASS" in r.stdout, r.stderr[-2000:]
+    assert f"pinned at commit {hub_model['commit']}" in r.stdout
     again = json.loads(((runs_dir / "latest").resolve() / "manifest.json").read_text())
     assert again["reproduces"] == run.name and again["environment"]["container"]["image"] == "lab-train:cpu"
     assert again["merged"]["weights_sha256"] == manifest["merged"]["weights_sha256"]
-    assert not list((ROOT / "recipes").glob(".reproduce-*"))
+    assert not list(recipe.parent.glob(".reproduce-*"))
 
 
 def test_serve_ask_stop_on_the_compose_network(images, tmp_path):

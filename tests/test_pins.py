@@ -34,6 +34,9 @@ def test_cpu_locks_never_take_the_cuda_torch_and_the_cuda_lock_does():
     assert pins.read_pins(pins.LOCKS / "train-cpu.txt")["torch"].endswith("+cpu")
     cuda = pins.read_pins(pins.LOCKS / "train-cuda.txt")
     assert "+" not in cuda["torch"] and any(p.startswith("nvidia-") for p in cuda)
+    # each GPU training lock is resolved for the Python its image has (pytorch/pytorch, python:3.12-slim)
+    assert pins.table()["train-cuda"]["python"] == pins.table()["train-rocm"]["python"] == "3.12"
+    assert "# Python 3.12," in (pins.LOCKS / "train-cuda.txt").read_text()
 
 
 def test_this_environment_is_its_lock_exactly():
@@ -54,6 +57,17 @@ def test_drift_names_a_changed_version(tmp_path):
     d = pins.drift(tmp_path)
     assert d["name"] == "toy" and not d["matches"]
     assert d["differs"] == {"beta": ["2.1", "2.0"]} and d["missing"] == ["gamma"] and d["extra"] == []
+
+
+def test_a_local_build_label_is_the_locked_release(tmp_path):
+    """pytorch/pytorch ships torch 2.13.0+cu130 where the lock says 2.13.0 (PyPI's build of it)."""
+    assert pins.same_version("2.13.0", "2.13.0+cu130") and pins.same_version("2.13.0+cpu", "2.13.0+cpu")
+    assert not pins.same_version("2.13.0+cpu", "2.13.0") and not pins.same_version("2.13.0", "2.13.1+cu130")
+    info = tmp_path / "lib" / "python3.12" / "site-packages" / "torch-2.13.0+cu130.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cu130\n")
+    (tmp_path / pins.INSTALLED_LOCK).write_text("# Lock for the train-cuda environment: x\ntorch==2.13.0\n")
+    assert pins.drift(tmp_path)["matches"] and pins.drift(tmp_path)["differs"] == {}
 
 
 def test_dropping_removes_whole_requirement_blocks():
