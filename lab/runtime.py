@@ -144,18 +144,17 @@ class Docker:
             self.visible(Path(recipe.model.path))
 
     def _writable(self, *dirs: Path) -> None:
-        """Directories the containers write into; as root we hand them to the image's user (only
-        those the lab creates: an existing HF cache keeps its owner)."""
+        """Directories the containers write into; as root we hand them to the image's user."""
         for d in dirs:
-            if d.is_dir():
-                continue
             d.mkdir(parents=True, exist_ok=True)
             if os.getuid() == 0:
                 os.chown(d, CONTAINER_UID, CONTAINER_UID)
 
     def lab(self, *argv: str, log: Path) -> None:
         """`python -m lab ARGV` in the training container."""
-        self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab", self.hf_home)
+        self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab")
+        if not self.hf_home.exists():  # a new HF cache for downloads; an existing one keeps its owner
+            self._writable(self.hf_home)
         svc = self.service("train")
         print(f"docker: {svc['image']}: lab {' '.join(argv)}", flush=True)
         code = self.c.run(svc, list(argv), log)
