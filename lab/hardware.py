@@ -92,8 +92,8 @@ def attention_usable(name: str, backend: str) -> bool:
     """Can a model load with attn_implementation=name here (package present, device able)?"""
     if name in ("eager", "sdpa"):
         return True
-    if name == "flex_attention":  # compiled Triton kernels: a GPU
-        return _gpu(backend) and _installed("torch.nn.attention.flex_attention")
+    if name == "flex_attention":  # compiled Triton kernels: a GPU and a C compiler
+        return kernel_usable("torch.nn.attention.flex_attention", backend)
     if name == "flash_attention_2":
         try:
             from transformers.utils import is_flash_attn_2_available
@@ -111,8 +111,12 @@ def attention_usable(name: str, backend: str) -> bool:
 
 
 def kernel_usable(name: str, backend: str) -> bool:
-    """Liger's kernels (and Triton itself) are Triton programs: a GPU, CUDA or ROCm, and the package."""
-    return _gpu(backend) and _installed(name)
+    """Liger's kernels (and Triton itself) are Triton programs: a GPU, CUDA or ROCm, the package, and
+    a C compiler (Triton builds its launcher with one at the first kernel; slim images have none)."""
+    import shutil
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return bool(compiler) and _gpu(backend) and _installed(name)
 
 
 def amd_host(root: str = "/") -> dict | None:

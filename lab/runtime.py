@@ -203,7 +203,8 @@ class Docker:
                 self.visible(Path(container_path))
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import check_free, check_model_dir, engine_args, parallel_env, serve_config, wait_healthy
+        from lab.serve import (check_free, check_model_dir, context_args, engine_args, parallel_env, serve_config,
+                               wait_healthy)
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
@@ -220,7 +221,8 @@ class Docker:
                                                                parallel_env(recipe).items()},
                            # sharing the host's network, listen on loopback only, as the local runtime does
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
-        svc["command"] = [*svc["command"], *engine_args(recipe, adapter)]  # tensor parallelism, runtime LoRA
+        # tensor parallelism, runtime LoRA, a context the model has
+        svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model))]
         if config:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         container = self.c.start(svc, log)

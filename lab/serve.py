@@ -86,6 +86,20 @@ def engine_args(recipe: Recipe, adapter: str | None = None) -> list[str]:
             *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else [])]
 
 
+def context_args(recipe: Recipe, model_dir: Path) -> list[str]:
+    """vLLM refuses a max-model-len above the model's own context (serve/cuda.yaml's 4096 over the
+    embedded model's 512 positions): cap it at what the model's config.json allows."""
+    import yaml
+
+    try:
+        want = (yaml.safe_load(serve_config(recipe).read_text(encoding="utf-8")) or {}).get("max-model-len")
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return []  # vLLM reads both itself and says what is wrong
+    have = (config.get("text_config") or config).get("max_position_embeddings")
+    return ["--max-model-len", str(have)] if want and have and int(want) > int(have) else []
+
+
 def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter: str | None = None) -> list[str]:
     s = recipe.serve
     return [
@@ -95,7 +109,7 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter:
         "--host", s.host, "--port", str(port or s.port), "--seed", str(recipe.probe.seed),
         # Same kwargs the training data were rendered with (pitfall 1); requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
-        *engine_args(recipe, adapter),
+        *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)),
     ]
 
 

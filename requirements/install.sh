@@ -3,7 +3,8 @@
 # requirements/torch-<pins>.txt first when there is one (from its own index), then
 # requirements/lock/<role>-<pins>.txt with pip --no-deps, so nothing unlocked comes along.
 # A copy of the lock stays in the venv: the run manifest compares the venv against it.
-# Usage: requirements/install.sh VENV_PYTHON ROLE PINS|""  (env: TORCH_INDEX_URL, GPU_ARCH)
+# Usage: requirements/install.sh VENV_PYTHON ROLE PINS|""  (env: TORCH_INDEX_URL, GPU_ARCH, LAB_LOCK_SKIP:
+# an extended regex of package names the environment already has from elsewhere, left out)
 set -eu
 py=$1 role=$2 pins=$3
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +12,13 @@ lock="$here/lock/$role${pins:+-$pins}.txt"
 if [ ! -f "$lock" ]; then
   echo "install.sh: no lock for $role on $pins ($lock); see requirements/locks.yaml and make lock" >&2
   exit 2
+fi
+# A lock is resolved for one Python (its image's); another one may pick other wheels or none.
+want=$(sed -n 's/^# Python \([0-9.]*\),.*/\1/p' "$lock")
+have=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ -n "$want" ] && [ "$want" != "$have" ]; then
+  echo "install.sh: warning: $(basename "$lock") is resolved for Python $want, this environment has $have" \
+       "(make setup PYTHON=python$want installs it exactly)" >&2
 fi
 if [ -f "$here/torch-$pins.txt" ]; then
   # The ROCm wheels carry the GPU architecture in an extra: gfx1151 unless GPU_ARCH says otherwise.
@@ -23,5 +31,12 @@ if [ -f "$here/torch-$pins.txt" ]; then
   "$py" -m pip install -q "$@" -r "$torch" || { rm -f "$torch"; exit 1; }
   rm -f "$torch"
 fi
-"$py" -m pip install -q --no-deps -r "$lock"
+if [ -n "${LAB_LOCK_SKIP:-}" ]; then
+  kept=$(mktemp)
+  grep -vE "^(${LAB_LOCK_SKIP})==" "$lock" > "$kept"
+  "$py" -m pip install -q --no-deps -r "$kept" || { rm -f "$kept"; exit 1; }
+  rm -f "$kept"
+else
+  "$py" -m pip install -q --no-deps -r "$lock"
+fi
 cp "$lock" "$("$py" -c 'import sys; print(sys.prefix)')/lab-lock.txt"

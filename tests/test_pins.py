@@ -115,3 +115,21 @@ def test_locks_are_up_to_date_and_a_changed_pin_moves_its_lock(tmp_path, monkeyp
     assert relocked["pyyaml"] == "6.0.2"
     assert {k: v for k, v in relocked.items() if k != "pyyaml"} == \
         {k: v for k, v in pins.read_pins(REQ / "lock" / "harness.txt").items() if k != "pyyaml"}
+
+
+def test_a_base_images_torch_runtime_is_left_to_the_base(tmp_path):
+    """pytorch/pytorch brings torch, Triton and the CUDA runtime it was built with: the image installs
+    the rest of the lock (docker/install.sh sets LAB_LOCK_SKIP) and keeps the whole lock to compare."""
+    fake = tmp_path / "python"  # stands in for the venv's python: records what pip was asked to install
+    fake.write_text('#!/bin/sh\nif [ "$1" = -c ]; then echo "$PREFIX"; exit 0; fi\n'
+                    'prev=; for a; do if [ "$prev" = -r ]; then cp "$a" "$PREFIX/asked.txt"; fi; prev=$a; done\n')
+    fake.chmod(0o755)
+    env = {**__import__("os").environ, "PREFIX": str(tmp_path),
+           "LAB_LOCK_SKIP": "torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+"}
+    out = subprocess.run(["sh", str(REQ / "install.sh"), str(fake), "train", "cuda"], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    asked = pins.read_pins(tmp_path / "asked.txt")
+    assert "transformers" in asked and "liger-kernel" in asked
+    assert not [p for p in asked if p in ("torch", "triton") or p.startswith(("nvidia-", "cuda-"))]
+    assert (tmp_path / pins.INSTALLED_LOCK).read_text() == (pins.LOCKS / "train-cuda.txt").read_text()

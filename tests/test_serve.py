@@ -24,6 +24,16 @@ def test_argv_carries_config_and_template_kwargs():
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "127.0.0.1"
 
 
+def test_max_model_len_is_capped_at_the_models_context(embedded_model):
+    from lab.serve import context_args
+
+    gpu = load_recipe("identity-lora", hw="cuda", check_train=False)  # serve/cuda.yaml: 4096
+    assert context_args(gpu, embedded_model) == ["--max-model-len", "512"]
+    assert serve_argv(gpu, str(embedded_model))[-2:] == ["--max-model-len", "512"]
+    assert context_args(load_recipe("identity-lora", hw="cpu", check_train=False), embedded_model) == []
+    assert context_args(gpu, embedded_model / "missing") == []
+
+
 def test_tensor_parallel_flags_and_the_cpu_engines_core_split(monkeypatch):
     r = load_recipe("identity-lora", ["serve.tensor_parallel_size=2"], hw="cpu", check_train=False)
     argv = serve_argv(r, "/models/m")
