@@ -14,8 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab.errors import LabError
-
-EMBEDDED = "embedded"
+from lab.recipe import EMBEDDED
 # Formats no stage of the lab reads: not worth downloading with the weights (the original
 # checkpoints some repos keep beside the HF ones, other runtimes' exports).
 IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite", "original/*"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lab import runs
 from lab.errors import LabError
-from lab.recipe import Recipe
+from lab.recipe import EMBEDDED, Recipe
 
 RUNTIMES = ("auto", "local", "docker")
 CONTAINER_UID = 1000  # the images' default user (docker/*.Dockerfile, LAB_UID)
@@ -139,7 +139,7 @@ class Docker:
         if questions.is_file():
             named(recipe.probe.questions, "probe.questions")
             self.visible(questions)
-        if recipe.model.path != "embedded" and Path(recipe.model.path).expanduser().exists():
+        if recipe.model.path != EMBEDDED and Path(recipe.model.path).expanduser().exists():
             named(recipe.model.path, "model.path")
             self.visible(Path(recipe.model.path))
 
@@ -166,7 +166,7 @@ class Docker:
         own path; the embedded model and hub snapshots are resolved in the training container, into
         the mounted caches (so a hub id downloads once, honouring HF_HUB_OFFLINE)."""
         path, revision = (model, None) if model else (recipe.model.path, recipe.model.revision)
-        if path != "embedded" and Path(path).expanduser().is_dir():
+        if path != EMBEDDED and Path(path).expanduser().is_dir():
             return self.visible(Path(path).expanduser())
         out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
         try:
