@@ -173,7 +173,7 @@ def _group_name(gid: int) -> str | None:
         return None
 
 
-def doctor(hw: str = "auto", recipe: str = "identity-lora") -> dict:
+def doctor(hw: str = "auto") -> dict:
     """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it, with
     every decision taken from the device (precision, weight dtype, AMD architecture) and why."""
     from lab.manifest import hardware
@@ -193,7 +193,7 @@ def doctor(hw: str = "auto", recipe: str = "identity-lora") -> dict:
         seen["bf16"] = bool(_gpu(backend) and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
         attention = {a: attention_usable(a, backend) for a in ("eager", "sdpa", "flex_attention", "flash_attention_2")}
         kernels = {k: kernel_usable(k, backend) for k in ("liger_kernel", "triton")}
-        decisions, problem = _decisions(backend, recipe)
+        decisions, problem = _decisions(backend)
     if backend == "rocm" or amd_arch():
         arch, why = gpu_arch()
         decisions.append({"setting": "GPU_ARCH", "value": arch, "why": f"{why}; torch's device-{arch} wheels "
@@ -207,8 +207,8 @@ def doctor(hw: str = "auto", recipe: str = "identity-lora") -> dict:
             "decisions": decisions, "defaults": DEFAULTS[backend], "speed": SPEED[backend], "amd_host": amd_host()}
 
 
-def _decisions(backend: str, recipe_name: str) -> tuple[list[dict], str | None]:
-    """The device's decisions for a recipe (default: identity-lora), or why there is no device."""
+def _decisions(backend: str, recipe_name: str = "identity-lora") -> tuple[list[dict], str | None]:
+    """The device's decisions for the default recipe, or why there is no device."""
     from lab import capability
     from lab.errors import LabError
     from lab.recipe import load_recipe
