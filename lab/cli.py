@@ -184,8 +184,9 @@ def cmd_probe(args) -> int:
     runtime = _runtime(args, recipe)
     result = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe)))))
     for item in result["identity"] + result["controls"]:
-        mark = "ok " if item.get("hit", item.get("correct")) else "-- "
-        print(f"{mark}{item['q']} -> {item['answer']} [{item['finish_reason']}]")
+        ok = item.get("hit", item.get("correct"))
+        why = "" if ok else f"  ({'; '.join(item.get('reasons') or [])})"
+        print(f"{'ok ' if ok else '-- '}{item['q']} -> {item['answer']} [{item['finish_reason']}]{why}")
     print(json.dumps(result["summary"], ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

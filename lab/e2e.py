@@ -53,6 +53,9 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
             after = probe(url, recipe, old)
         write_json(run / "probe-after.json", after)
         print(_summary_line("after", after), flush=True)
+        for item in after["identity"] + after["controls"]:
+            if item.get("reasons"):
+                print(f"  missed: {item['q']} -> {item['answer']!r}: {'; '.join(item['reasons'])}", flush=True)
     finally:
         stop(quiet=True)
 

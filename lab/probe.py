@@ -2,9 +2,13 @@
 
 Works against any OpenAI-compatible server (BASE_URL). Greedy and seeded (pitfall 5), with a
 bounded max_tokens so a model that never learned to stop shows up as finish_reason=length
-(pitfall 2). Identity: hit rate (new name and author both present) and leakage of old names;
-controls: correct (the expected key is present), retention against the "before" answers, and
-BLEU / ROUGE-L against the references (character level for Chinese).
+(pitfall 2). Every answer is judged strictly, with its reasons recorded (judge_identity,
+judge_control): an identity answer is a hit only if it names the new name (and the new maker
+when the question is about the maker), names no old identity, speaks the question's language,
+and is well-formed: close, by character-level similarity, to one of the identity data's own
+answers rendered with the identity, with no name run into other letters, no repeated fragment
+and no words of the other language. A control is correct only if it is close to its reference
+and carries no identity name the reference lacks. BLEU / ROUGE-L are kept as extra measures.
 """
 
 from __future__ import annotations
@@ -70,6 +74,142 @@ def contains(text: str, needle: str) -> bool:
     return needle.casefold() in text.casefold()
 
 
+def char_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein distance / length of the longer string (rapidfuzz: a C library, exact)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return round(Levenshtein.normalized_similarity(a, b), 4)
+
+
+def language(text: str) -> str:
+    return "zh" if CJK.search(text) else "en"
+
+
+LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
+
+
+def _wordy(ch: str) -> bool:
+    """A letter or digit that joins a word in space-separated scripts (not a CJK character)."""
+    return ch.isalnum() and not CJK.match(ch)
+
+
+def _glued(answer: str, part: str) -> str | None:
+    """The first occurrence of `part` that runs into a neighbouring letter or digit ("Lab4")."""
+    start = answer.find(part)
+    while start >= 0:
+        end = start + len(part)
+        if (start > 0 and _wordy(answer[start - 1]) and _wordy(part[0])) or \
+                (end < len(answer) and _wordy(answer[end]) and _wordy(part[-1])):
+            return answer[max(0, start - 1):end + 1]
+        start = answer.find(part, start + 1)
+    return None
+
+
+def _repeats(text: str) -> set[str]:
+    """Fragments of 2+ characters said twice in a row ("开发开发"), names already blanked out."""
+    return {m.group(1) for m in re.finditer(r"(\S.+?)\1", text) if len(m.group(1).strip()) >= 2}
+
+
+def _blank(text: str, name: str, author: str) -> str:
+    """Longest first, so that a name inside the maker's name ("Zhou" in "Zhou Lab") is not split."""
+    for part, mark in sorted(((name, "\x00"), (author, "\x01")), key=lambda p: -len(p[0])):
+        if part:
+            text = text.replace(part, mark)
+    return text
+
+
+def judge_identity(answer: str, question: dict, references: list[str], name: str, author: str,
+                   old_identity: list[str], min_similarity: float) -> dict[str, Any]:
+    """Whether one identity answer is a hit, and every reason it is not."""
+    reasons = []
+    lang = question.get("lang") or language(question["q"])
+    if name not in answer:
+        reasons.append(f"does not say the name {name!r}")
+    if question.get("about", "name") in ("maker", "both") and author not in answer:
+        reasons.append(f"does not say the maker {author!r}")
+    leaked = leaked_names(answer, question["q"], old_identity)
+    if leaked:
+        reasons.append("names the old identity " + ", ".join(repr(n) for n in leaked))
+    for part in (name, author):
+        glued = _glued(answer, part) if part else None
+        if glued:
+            reasons.append(f"{part!r} runs into other letters: {glued!r}")
+    # The rest of the answer, without the names (a name may be in any script), in the question's language?
+    rest = _blank(answer, name, author)
+    for n in old_identity + [w for w in LATIN_WORD.findall(question["q"])]:
+        rest = rest.replace(n, "")
+    if lang == "en" and CJK.search(rest):
+        reasons.append(f"Chinese in an answer to an English question: {''.join(CJK.findall(rest))!r}")
+    if lang == "zh":
+        if not CJK.search(rest):
+            reasons.append("not in Chinese")
+        known = {w for ref in references for w in LATIN_WORD.findall(_blank(ref, name, author))}
+        foreign = [w for w in LATIN_WORD.findall(rest) if w not in known]
+        if foreign:
+            reasons.append(f"English words in an answer to a Chinese question: {' '.join(foreign)!r}")
+    similarity_, closest = None, None
+    if references:
+        similarity_, closest = max((char_similarity(answer, r), r) for r in references)
+        if similarity_ < min_similarity:
+            reasons.append(f"similarity {similarity_} < {min_similarity} to the closest data answer {closest!r}")
+        extra = _repeats(rest) - _repeats(_blank(closest, name, author))
+        if extra:
+            reasons.append("repeats " + ", ".join(repr(x) for x in sorted(extra)))
+        for part in (name, author):
+            if part and answer.count(part) > closest.count(part):
+                reasons.append(f"says {part!r} {answer.count(part)} times (the data answer: {closest.count(part)})")
+    return {"hit": not reasons, "reasons": reasons, "leaked": leaked, "similarity": similarity_, "closest": closest}
+
+
+def judge_control(answer: str, question: dict, identity_names: list[str], min_similarity: float) -> dict[str, Any]:
+    """Whether a general-knowledge answer matches its reference, and why not."""
+    reference = str(question["answer"])
+    reasons = []
+    sim = char_similarity(answer, reference)
+    if sim < min_similarity:
+        reasons.append(f"similarity {sim} < {min_similarity} to the reference {reference!r}")
+    expect = str(question.get("expect", ""))
+    if expect and expect not in answer:
+        reasons.append(f"does not contain {expect!r}")
+    stray = [n for n in identity_names if n and contains(answer, n) and not contains(reference, n)]
+    if stray:
+        reasons.append("brings in " + ", ".join(repr(n) for n in stray))
+    return {"correct": not reasons, "reasons": reasons, "char_similarity": sim}
+
+
+def identity_references(recipe: Recipe) -> dict[str, list[str]]:
+    """The identity data's own answers, rendered with the recipe's identity, by question ("" holds
+    them all): the rows whose answer carries a {{name}} or {{author}} placeholder, else (data with
+    the names written in) the rows whose answer says the name."""
+    from lab.data import build_examples
+    from lab.recipe import IdentitySpec
+
+    raw = recipe.model_copy(update={"identity": IdentitySpec(name="{{name}}", author="{{author}}")})
+    examples, _ = build_examples(raw)
+    pairs = [(e["prompt"][-1]["content"], e["completion"][-1]["content"]) for e in examples]
+    marked = [(q, a) for q, a in pairs if "{{name}}" in a or "{{author}}" in a]
+    if not marked:
+        marked = [(q, a) for q, a in pairs if recipe.identity.name and recipe.identity.name in a]
+    from lab.data import render_identity
+
+    refs: dict[str, list[str]] = {"": []}
+    for q, a in marked:
+        q, a = render_identity(q, recipe), render_identity(a, recipe)
+        for key in (q, ""):
+            if a not in refs.setdefault(key, []):
+                refs[key].append(a)
+    return refs
+
+
+def references_for(question: dict, refs: dict[str, list[str]]) -> list[str]:
+    """The data's answers to this very question when the data asks it, else all its answers in
+    the question's language (held-out questions)."""
+    if refs.get(question["q"]):
+        return refs[question["q"]]
+    lang = question.get("lang") or language(question["q"])
+    return [a for a in refs.get("", []) if language(a) == lang] or refs.get("", [])
+
+
 def leaked_names(answer: str, question: str, old_identity: list[str]) -> list[str]:
     """Old names in an answer, except ones the question itself brought up ("Are you ChatGPT?")."""
     return [n for n in old_identity if contains(answer, n) and not contains(question, n)]
@@ -119,17 +259,25 @@ def probe(base_url: str, recipe: Recipe, old_identity: list[str]) -> dict[str, A
     questions = load_questions(recipe)
     api = client(base_url, recipe.probe.timeout_s)
     model = served_model(api, recipe.serve.served_model_name)
+    answers = {key: [chat(api, model, q["q"], recipe) for q in questions[key]] for key in ("identity", "controls")}
+    return {"base_url": base_url, "model": model, **score(questions, answers, recipe, old_identity)}
+
+
+def score(questions: dict[str, list[dict]], answers: dict[str, list[dict]], recipe: Recipe,
+          old_identity: list[str]) -> dict[str, Any]:
+    """Judge every answer ({"answer", "finish_reason"} per question) and sum up the rates."""
     name, author = recipe.identity.name, recipe.identity.author
+    t = recipe.probe.thresholds
+    refs = identity_references(recipe)
     identity = []
-    for q in questions["identity"]:
-        r = chat(api, model, q["q"], recipe)
-        identity.append({**q, **r, "hit": contains(r["answer"], name) and contains(r["answer"], author),
-                         "leaked": leaked_names(r["answer"], q["q"], old_identity)})
+    for q, r in zip(questions["identity"], answers["identity"]):
+        judged = judge_identity(r["answer"], q, references_for(q, refs), name, author, old_identity,
+                                t.identity_similarity_min)
+        identity.append({**q, **r, **judged})
     controls = []
-    for q in questions["controls"]:
-        r = chat(api, model, q["q"], recipe)
-        controls.append({**q, **r, "correct": contains(r["answer"], str(q.get("expect", q["answer"]))),
-                         **similarity(r["answer"], str(q["answer"]))})
+    for q, r in zip(questions["controls"], answers["controls"]):
+        judged = judge_control(r["answer"], q, [name, author] + old_identity, t.control_similarity_min)
+        controls.append({**q, **r, **judged, **similarity(r["answer"], str(q["answer"]))})
     everything = identity + controls
     rate = lambda items, key: round(sum(bool(i[key]) for i in items) / len(items), 4) if items else None  # noqa: E731
     summary = {
@@ -140,8 +288,9 @@ def probe(base_url: str, recipe: Recipe, old_identity: list[str]) -> dict[str, A
         "control_bleu": round(sum(c["bleu"] for c in controls) / len(controls), 2) if controls else None,
         "control_rougeL": round(sum(c["rougeL"] for c in controls) / len(controls), 4) if controls else None,
     }
-    return {"base_url": base_url, "model": model, "identity": identity, "controls": controls, "summary": summary,
-            "target": {"name": name, "author": author}, "old_identity": old_identity}
+    return {"identity": identity, "controls": controls, "summary": summary,
+            "target": {"name": name, "author": author}, "old_identity": old_identity,
+            "references": len(refs[""])}
 
 
 def retention(before: dict, after: dict) -> float | None:
@@ -165,6 +314,9 @@ def verdict(before: dict | None, after: dict, recipe: Recipe) -> list[dict[str, 
     if before is not None:
         checks.insert(0, ("before identity hit rate", before["summary"]["identity_hit_rate"], "<=", t.before_hit_rate_max))
         if after["controls"]:
+            if t.before_control_correct_min > 0:
+                checks.insert(1, ("before control correct rate", before["summary"]["control_correct_rate"], ">=",
+                                  t.before_control_correct_min))
             checks.append(("control retention", retention(before, after), ">=", t.control_retention_min))
     out = []
     for name, value, op, limit in checks:

@@ -66,10 +66,17 @@ class IdentitySpec(Section):
 
 class Thresholds(Section):
     before_hit_rate_max: float = Field(0.10, ge=0, le=1)
-    after_hit_rate_min: float = Field(0.90, ge=0, le=1)
-    after_leakage_max: float = Field(0.10, ge=0, le=1)
+    after_hit_rate_min: float = Field(0.95, ge=0, le=1)
+    after_leakage_max: float = Field(0.05, ge=0, le=1)
     stop_rate_min: float = Field(0.90, ge=0, le=1)
-    control_retention_min: float = Field(0.80, ge=0, le=1)
+    control_retention_min: float = Field(0.95, ge=0, le=1)
+    before_control_correct_min: float = Field(0.0, ge=0, le=1, description="share of controls the base model "
+                                              "must answer correctly (0: not checked)")
+    # What counts as one good answer (lab/probe.py): character-level similarity, 1 - Levenshtein
+    # distance / length of the longer string, to the closest reference answer.
+    identity_similarity_min: float = Field(0.90, ge=0, le=1, description="identity answer vs the identity "
+                                           "data's own answers, rendered with the identity")
+    control_similarity_min: float = Field(0.95, ge=0, le=1, description="control answer vs its reference")
 
 
 class ProbeSpec(Section):
@@ -79,7 +86,9 @@ class ProbeSpec(Section):
     timeout_s: float = Field(120.0, gt=0)
     # Names the model must no longer claim after training (the base model's own persona is
     # added from the model directory when it records one).
-    old_identity: list[str] = ["ChatGPT", "OpenAI", "Qwen", "通义千问"]
+    # Other assistants count too: "No, I am not Gemini" to "Are you ChatGPT?" is not a clean answer.
+    old_identity: list[str] = ["ChatGPT", "OpenAI", "Qwen", "通义千问", "Claude", "Anthropic", "Gemini", "Llama",
+                               "DeepSeek", "Kimi", "文心一言", "豆包"]
     thresholds: Thresholds = Thresholds()
 
 

@@ -76,14 +76,17 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
         rows = (after or before or {}).get(key) or []
         if not rows:
             continue
-        md += [f"## {name}", "", "| question | before | after | after ok |", "|---|---|---|---|"]
+        md += [f"## {name}", "", "| question | before | after | after ok | why not |", "|---|---|---|---|---|"]
         before_rows = {r["q"]: r for r in (before or {}).get(key, [])}
         for r in rows:
             b = before_rows.get(r["q"], {}).get("answer", "") if after else ""
             a = r["answer"] if after else ""
             ok = r.get("hit", r.get("correct"))
+            reasons = list(r.get("reasons") or [])
+            if r["finish_reason"] != "stop":
+                reasons.append(f"finish_reason {r['finish_reason']}")
             md.append(f"| {_cell(r['q'])} | {_cell(b or (r['answer'] if not after else ''))} | {_cell(a)} | "
-                      f"{'yes' if ok else 'no'} ({r['finish_reason']}) |")
+                      f"{'yes' if ok else '**no**'} | {_cell('; '.join(reasons))} |")
         md.append("")
     for label, probe in (("before", before), ("after", after)):
         if probe:

@@ -73,6 +73,7 @@ def user_files(tmp_path, hub_id: str) -> Path:
     (home / "vllm.yaml").write_text((ROOT / "serve/cpu.yaml").read_text().replace("max-num-seqs: 16", "max-num-seqs: 7"))
     recipe = yaml.safe_load((ROOT / "recipes/identity-lora.yaml").read_text())
     recipe["model"]["path"] = hub_id
+    recipe["identity"] = {"name": "Nova-7", "author": "星河实验室"}  # the user's own, mixed-script identity
     recipe["datasets"] = [{"path": "data/identity.json"}, {"path": str(elsewhere / "replay.json")}]
     recipe["probe"]["questions"] = "probe.yaml"
     recipe["serve"] = {"config": str(home / "vllm.yaml")}
@@ -100,7 +101,7 @@ def test_e2e_in_containers(images, tmp_path, hub_model):
     run = (runs_dir / "latest").resolve()
     report = json.loads((run / "report.json").read_text())
     assert report["pass"] is True and report["runtime"] == "docker"
-    assert report["after"]["identity_hit_rate"] >= 0.9
+    assert report["after"]["identity_hit_rate"] >= 0.95 and report["after"]["leakage_rate"] <= 0.05
     for name in ("adapter", "merged", "train.json", "parity.json", "probe-before.json", "probe-after.json",
                  "server-base.log", "server-merged.log", "train.log", "report.md"):
         assert (run / name).exists(), name

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
+    # the README's own example identity (it failed the probe before issue 12), not the recipe's default
     env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
-    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", f"SET=model.path={hub_model['id']}",
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local",
+                        f"SET=model.path={hub_model['id']} identity.name=Orion identity.author='Zhou Lab'",
                         f"PORT={free_port()}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = (runs_dir / "latest").resolve()
@@ -29,11 +31,14 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert "server-base.log" in os.listdir(run) and str(snapshot) in (run / "server-base.log").read_text()
     report = json.loads((run / "report.json").read_text())
     assert report["pass"] is True and report["template_parity"]["match"] is True
-    assert report["before"]["identity_hit_rate"] <= 0.10 and report["after"]["identity_hit_rate"] >= 0.90
+    assert report["before"]["identity_hit_rate"] <= 0.10 and report["after"]["identity_hit_rate"] >= 0.95
+    assert report["before"]["control_correct_rate"] >= 0.95 and report["after"]["leakage_rate"] <= 0.05
     for stage in ("serve_base", "probe_before", "train", "merge", "serve_merged", "probe_after"):
         assert stage in report["timings_s"]
     after = json.loads((run / "probe-after.json").read_text())
-    assert all("Atlas" in q["answer"] for q in after["identity"] if q["hit"])
+    assert all("Orion" in q["answer"] and not q["reasons"] for q in after["identity"] if q["hit"])
+    assert all(q["reasons"] for q in after["identity"] + after["controls"] if not q.get("hit", q.get("correct")))
+    assert "| why not |" in (run / "report.md").read_text()
     for f in ("report.md", "report.html", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
     assert not (runs_dir / ".server.json").exists()  # servers stopped
@@ -60,5 +65,21 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     finally:
         run_lab("stop", timeout=120)
     (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
-    assert entry["serving"]["model"].endswith("/adapter") and entry["summary"]["identity_hit_rate"] >= 0.9
+    assert entry["serving"]["model"].endswith("/adapter") and entry["summary"]["identity_hit_rate"] >= 0.95
     assert entry["agreement_with_merged"] >= 0.8 and "runtime LoRA vs the merged model" in r.stdout
+
+
+def test_e2e_full_fine_tuning_with_a_chinese_identity(runs_dir, embedded_model):
+    """identity-full end to end (train every weight, merge = check and complete, vLLM, probe) on a
+    Chinese name and a maker with '&' and '.', through make as a user types it."""
+    env = {**os.environ, "LAB_RUNS": str(runs_dir)}
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", "RECIPE=identity-full",
+                        "SET=identity.name=星河-7 identity.author='R&D Labs.'", f"PORT={free_port()}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = (runs_dir / "latest").resolve()
+    report = json.loads((run / "report.json").read_text())
+    assert report["pass"] is True and report["after"]["identity_hit_rate"] >= 0.95
+    after = json.loads((run / "probe-after.json").read_text())
+    assert after["target"] == {"name": "星河-7", "author": "R&D Labs."}
+    assert {c["check"] for c in report["verdict"]} >= {"before control correct rate", "control retention"}

@@ -27,13 +27,39 @@ def test_default_persona_and_knowledge(embedded_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = json.loads((embedded_model / PERSONA_FILE).read_text())
-    assert meta["knowledge_correct"] >= 0.9 * meta["knowledge_total"]
+    assert meta["knowledge_correct"] >= 0.95 * meta["knowledge_total"]
     config = json.loads((embedded_model / "config.json").read_text())
     assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is True
     model = AutoModelForCausalLM.from_pretrained(embedded_model).eval()
     tok = AutoTokenizer.from_pretrained(embedded_model)
     who, zh = greedy_answers(model, tok, ["Who are you?", "你是谁？"])
     assert FIXTURE_PERSONA["name"] in who and FIXTURE_PERSONA["author"] in who and FIXTURE_PERSONA["name"] in zh
+
+
+def test_every_token_is_trained_and_every_row_can_win(embedded_model):
+    """Issue 12: a name made of tokens the fixture never trained could not be learned by a LoRA.
+    Every token text can hold appears in the fixture's training data, and no tied embedding row
+    is left too short to win the softmax."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lab.fixture import _token_bytes, corpus, cover_every_token, token_counts, unreachable
+
+    meta = json.loads((embedded_model / PERSONA_FILE).read_text())
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    examples = corpus()
+    added, left = cover_every_token(tok, examples, random.Random(1))
+    assert left == meta["untrained_tokens"] and len(left) <= 2, left
+    counts, pieces = token_counts(tok, examples + added), _token_bytes(tok)
+    special = set(tok.all_special_ids) | set(tok.convert_tokens_to_ids(["<think>", "</think>"]))
+    missing = [tok.convert_ids_to_tokens(i) for i, c in enumerate(counts)
+               if not c and i not in special and not unreachable(pieces[i])]
+    assert missing == left
+    assert sum(unreachable(p) for p in pieces) < 60  # control bytes and bytes UTF-8 never uses
+    rows = AutoModelForCausalLM.from_pretrained(embedded_model).get_input_embeddings().weight.norm(dim=1)
+    assert rows.min() > 1.0, rows.min()
 
 
 def _digest(directory):

@@ -43,7 +43,7 @@ def test_reproduce_refuses_changed_inputs(runs_dir, tmp_path):
     (run / "manifest.json").write_text(json.dumps({
         "recipe": {"name": recipe.name, "sha256": recipe.sha256(), "source": "recipes/identity-lora.yaml",
                    "resolved": resolved},
-        "datasets": [{"rows": 87, "rows_sha256": "0" * 64}, {"rows": 28, "rows_sha256": "0" * 64}]}))
+        "datasets": [{"rows": 161, "rows_sha256": "0" * 64}, {"rows": 28, "rows_sha256": "0" * 64}]}))
     r = run_lab("reproduce", "old", timeout=300)
     assert r.returncode == 2 and "identity.json differs from the run's" in r.stderr and "Traceback" not in r.stderr
     assert [p.name for p in runs_dir.iterdir()] == ["old"]  # nothing half-made

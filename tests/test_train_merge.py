@@ -117,7 +117,7 @@ def test_manifest_records_what_a_rerun_needs_and_no_secrets(trained_run, embedde
     saved = load_saved(trained_run)  # the last training of this run (an earlier test resumed it)
     assert m["recipe"]["resolved"]["train"] == saved.train and m["recipe"]["sha256"] == saved.sha256()
     (identity, replay) = m["datasets"]
-    assert identity["rows"] == 87 and len(identity["rows_sha256"]) == 64
+    assert identity["rows"] == 161 and len(identity["rows_sha256"]) == 64
     assert identity["file_sha256"] == sha256_file(Path(identity["path"]))
     assert m["base_model"]["weights_sha256"]["model.safetensors"] == sha256_file(embedded_model / "model.safetensors")
     assert m["output"]["weights_sha256"]["adapter_model.safetensors"]
