@@ -60,7 +60,8 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     try:
         assert r.returncode == 0 and "+ LoRA" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"{snapshot} + LoRA" in r.stdout  # the run's own base: the hub id's snapshot
-        r = run_lab("probe", "--hw", "cpu", "--port", port, env=hub_model["env"], timeout=600)
+        r = run_lab("probe", "--hw", "cpu", "--port", port, "--set", "identity.name=Orion identity.author='Zhou Lab'",
+                    env=hub_model["env"], timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     finally:
         run_lab("stop", timeout=120)
