@@ -181,7 +181,7 @@ def identity_references(recipe: Recipe) -> dict[str, list[str]]:
     """The identity data's own answers, rendered with the recipe's identity, by question ("" holds
     them all): the rows whose answer carries a {{name}} or {{author}} placeholder, else (data with
     the names written in) the rows whose answer says the name."""
-    from lab.data import build_examples
+    from lab.data import build_examples, render_identity
     from lab.recipe import IdentitySpec
 
     raw = recipe.model_copy(update={"identity": IdentitySpec(name="{{name}}", author="{{author}}")})
@@ -190,8 +190,6 @@ def identity_references(recipe: Recipe) -> dict[str, list[str]]:
     marked = [(q, a) for q, a in pairs if "{{name}}" in a or "{{author}}" in a]
     if not marked:
         marked = [(q, a) for q, a in pairs if recipe.identity.name and recipe.identity.name in a]
-    from lab.data import render_identity
-
     refs: dict[str, list[str]] = {"": []}
     for q, a in marked:
         q, a = render_identity(q, recipe), render_identity(a, recipe)
