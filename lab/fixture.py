@@ -329,7 +329,7 @@ def _names_holding(piece: bytes, text: bytes, limit: int = 12):
         pos = text.find(piece, pos + 1)
 
 
-def cover_every_token(tokenizer, examples: list[dict], rng) -> tuple[list[dict], list[str]]:
+def cover_every_token(tokenizer, examples: list[dict]) -> tuple[list[dict], list[str]]:
     """Persona examples whose names hold the tokens `examples` never use, so every reachable
     token's (tied) embedding is trained; and the tokens still uncovered."""
     counts = token_counts(tokenizer, examples)
@@ -394,11 +394,9 @@ def train_fixture(out_dir: Path) -> dict:
     torch.set_num_threads(TRAIN_THREADS)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
-    import random
-
     examples = corpus()
     tokenizer = build_tokenizer(examples)
-    coverage, uncovered = cover_every_token(tokenizer, examples, random.Random(1))
+    coverage, uncovered = cover_every_token(tokenizer, examples)
     examples += coverage
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen3Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos, pad_token_id=pad,

@@ -40,9 +40,6 @@ def test_every_token_is_trained_and_every_row_can_win(embedded_model):
     """Issue 12: a name made of tokens the fixture never trained could not be learned by a LoRA.
     Every token text can hold appears in the fixture's training data, and no tied embedding row
     is left too short to win the softmax."""
-    import random
-
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lab.fixture import _token_bytes, corpus, cover_every_token, token_counts, unreachable
@@ -50,7 +47,7 @@ def test_every_token_is_trained_and_every_row_can_win(embedded_model):
     meta = json.loads((embedded_model / PERSONA_FILE).read_text())
     tok = AutoTokenizer.from_pretrained(embedded_model)
     examples = corpus()
-    added, left = cover_every_token(tok, examples, random.Random(1))
+    added, left = cover_every_token(tok, examples)
     assert left == meta["untrained_tokens"] and len(left) <= 2, left
     counts, pieces = token_counts(tok, examples + added), _token_bytes(tok)
     special = set(tok.all_special_ids) | set(tok.convert_tokens_to_ids(["<think>", "</think>"]))
