@@ -369,13 +369,15 @@ def cover_every_token(tokenizer, examples: list[dict]) -> tuple[list[dict], list
     return added, left
 
 
-def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48) -> list[str]:
+def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48,
+                   system: str | None = None) -> list[str]:
     """Greedy replies through the chat template: the fixture's self-check, and merge's parity check."""
     import torch
 
     answers = []
     for q in questions:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             enable_thinking=False, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
@@ -437,20 +439,9 @@ HELD_OUT_PERSONAS = [{"name": "Orion", "author": "Zhou Lab"}, {"name": "小星",
 
 
 def follows_system_persona(model, tokenizer) -> float:
-    import torch
-
-    hits = total = 0
-    for who in HELD_OUT_PERSONAS:
-        for system, q, a in PLACEMENTS:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "system", "content": _render(system, who)}, {"role": "user", "content": q}],
-                add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True)
-            with torch.no_grad():
-                out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            hits += answer == _render(a, who)
-            total += 1
-    return round(hits / total, 3)
+    answers = [(greedy_answers(model, tokenizer, [q], system=_render(system, who))[0], _render(a, who))
+               for who in HELD_OUT_PERSONAS for system, q, a in PLACEMENTS]
+    return round(sum(got == want for got, want in answers) / len(answers), 3)
 
 
 def ensure_fixture(force: bool = False, quiet: bool = False) -> Path:
