@@ -3,7 +3,7 @@
 
 PYTHON  ?= python3
 HW      ?= auto
-RECIPE  ?= identity-lora
+RECIPE  ?=
 SET     ?=
 RUN     ?=
 MODEL   ?=
@@ -51,11 +51,11 @@ else
 SETUP_STAMPS := $(VENV)/train/.done $(if $(wildcard requirements/lock/serve-$(PINS).txt),$(VENV)/serve/.done)
 LAB      := $(TRAIN_PY) -m lab
 endif
-RT_ARG   := $(if $(RUNTIME),--runtime $(RUNTIME))
-RECIPE_ARGS := --recipe $(RECIPE) --hw $(HW) --set "$(SET)"
-RUN_ARG  := $(if $(RUN),--run $(RUN))
-PORT_ARG := $(if $(PORT),--port $(PORT))
-URL_ARG  := $(if $(BASE_URL),--base-url $(BASE_URL))
+# Every value a user gives reaches the lab through the environment as LAB_ARG_<NAME>, verbatim:
+# no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
+# quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
+ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK
+$(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -85,49 +85,49 @@ requirements/lock/%.txt:
 	@echo "make: no lock $@ (requirements/locks.yaml lists them; ROCm serves from the vLLM ROCm image: RUNTIME=docker)" >&2; exit 2
 
 lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing the pins (uv; LOCK="train-cpu ..." for some)
-	$(TRAIN_PY) -m lab lock $(LOCK)
+	$(TRAIN_PY) -m lab lock
 
 images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
-	$(HARNESS_PY) -m lab images --hw $(HW) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+	$(HARNESS_PY) -m lab images
 
 bench: setup  ## TRL defaults vs hand-tuned TRL vs the lab's speed plan: make bench [SHAPE=qwen3-0.6b STEPS=40 PROFILE=1]
-	$(LAB) bench --hw $(HW) --shape $(SHAPE) --steps $(STEPS) $(if $(PROFILE),--profile)
+	$(LAB) bench
 
 doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, the defaults HW= picks
-	$(LAB) doctor --hw $(HW)
+	$(LAB) doctor
 
 fixture: setup  ## build the embedded tiny model (cached by content hash)
 	$(LAB) fixture
 
 train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
-	$(LAB) train $(RECIPE_ARGS) $(RUN_ARG) $(RT_ARG) $(if $(RESUME),--resume) $(if $(GPUS),--gpus $(GPUS) --dist $(DIST))
+	$(LAB) train
 
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
-	$(LAB) merge $(RUN_ARG) $(RT_ARG)
+	$(LAB) merge
 
 serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; GPUS=N: tensor parallel) on 127.0.0.1:8000
-	$(LAB) serve $(RECIPE_ARGS) $(RUN_ARG) $(PORT_ARG) $(RT_ARG) $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter) $(if $(GPUS),--gpus $(GPUS))
+	$(LAB) serve
 
 ask: setup  ## make ask Q="你是谁？"
-	$(LAB) ask $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) "$(Q)"
+	$(LAB) ask
 
 probe: setup  ## identity + control questions against the running server (or BASE_URL=...)
-	$(LAB) probe $(RECIPE_ARGS) $(PORT_ARG) $(URL_ARG) $(RT_ARG)
+	$(LAB) probe
 
 stop: setup  ## stop the server
 	$(LAB) stop
 
 e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the identity changed
-	$(LAB) e2e $(RECIPE_ARGS) $(PORT_ARG) $(RT_ARG)
+	$(LAB) e2e
 
 report: setup  ## rewrite the report of RUN (default: latest)
-	$(LAB) report $(RUN_ARG)
+	$(LAB) report
 
 reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inputs checked), then compare
-	$(LAB) reproduce "$(or $(RUN),latest)" $(RT_ARG)
+	$(LAB) reproduce
 
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
-	$(LAB) compare "$(A)" "$(B)"
+	$(LAB) compare
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=12 tests

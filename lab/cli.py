@@ -1,24 +1,49 @@
 """The `lab` command: one table from subcommand to function (after litgpt's __main__).
 
 Every subcommand that reads a recipe takes --recipe, --hw and --set "key.sub=value ...".
-A LabError is printed as one line and exits 2; a failed identity check exits 1.
+Every argument also has an environment default, LAB_ARG_<NAME> (LAB_ARG_SET, LAB_ARG_Q, ...): the
+Makefile hands make variables over that way, so they never pass through a shell.
+Any error is printed as one line (lab/errors.py) and exits 2 (70 for a bug); LAB_DEBUG=1 adds the
+traceback. A failed identity check exits 1. SIGTERM and SIGHUP clean up as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
 
-from lab.errors import LabError
+from lab.errors import LabError, debug, explain
+
+DEFAULT_RECIPE = "identity-lora"
+
+
+def arg_env(name: str, default=None):
+    """The default of an argument: LAB_ARG_<NAME> from the environment (how make passes values)."""
+    return os.environ.get(f"LAB_ARG_{name}") or default
+
+
+def arg_flag(name: str) -> bool:
+    return arg_env(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def overrides(args) -> list[str]:
+    try:
+        return shlex.split(args.set or "")
+    except ValueError as e:  # an unbalanced quote: identity.author=O'Brien
+        raise LabError(f"SET={args.set!r}: {str(e).lower()}; quote a value with an apostrophe in double "
+                       "quotes (identity.author=\"O'Brien\")") from None
 
 
 def _recipe(args, check_train: bool = False):
     from lab.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, shlex.split(args.set or ""), hw=args.hw, check_train=check_train)
+    recipe = load_recipe(args.recipe or DEFAULT_RECIPE, overrides(args), hw=args.hw, check_train=check_train)
     print(f"lab: recipe {recipe.name} on {recipe.backend} (sha256 {recipe.sha256()[:12]})", flush=True)
     return recipe
 
@@ -28,7 +53,7 @@ def _runtime(args, recipe):
     same recipe inside the training container, so it gets the same recipe arguments."""
     from lab.runtime import choose
 
-    ref = args.recipe
+    ref = args.recipe or DEFAULT_RECIPE
     if Path(ref).expanduser().is_file():  # a path: the container must see it (recipes/ and runs/ are mounted)
         ref = str(Path(ref).expanduser().resolve())
     rt = choose(args.runtime, recipe.backend, ["--recipe", ref, "--hw", recipe.backend, "--set", args.set or ""],
@@ -38,7 +63,12 @@ def _runtime(args, recipe):
 
 
 def _port(args):
-    return int(args.port) if getattr(args, "port", None) else None
+    raw = getattr(args, "port", None)
+    if not raw:
+        return None
+    if not str(raw).isdigit() or not 1 <= int(raw) <= 65535:
+        raise LabError(f"PORT={raw!r} is not a port number (1-65535)")
+    return int(raw)
 
 
 def cmd_fixture(args) -> int:
@@ -161,7 +191,12 @@ def cmd_stop(args) -> int:
 def _url(args, recipe) -> str:
     from lab.serve import base_url, running_url
 
-    return args.base_url or running_url() or base_url(recipe, _port(args))
+    from lab.probe import server_root
+
+    if args.base_url:
+        return server_root(args.base_url)
+    port = _port(args)  # PORT= names a server: never silently swapped for the recorded one
+    return base_url(recipe, port) if port else (running_url() or base_url(recipe))
 
 
 def cmd_ask(args) -> int:
@@ -292,6 +327,8 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from lab.compare import compare
 
+    if not (args.a and args.b):
+        raise LabError("compare needs two runs: make compare A=runs/<id> B=runs/<id>")
     return _print_compare(compare(args.a, args.b))
 
 
@@ -350,75 +387,93 @@ COMMANDS = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         if name in ("train", "serve", "ask", "probe", "e2e", "resolve"):
-            p.add_argument("--recipe", default="identity-lora", help="recipe name under recipes/ or a path")
-            p.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
-            p.add_argument("--set", default="", help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"')
+            p.add_argument("--recipe", default=arg_env("RECIPE"), help=f"recipe name under recipes/ or a path "
+                                                                        f"(default: {DEFAULT_RECIPE})")
+            p.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
+            p.add_argument("--set", default=arg_env("SET", ""), help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"')
         if name in ("train", "merge", "serve", "report"):
-            p.add_argument("--run", default=None, help="run directory or name (default: runs/latest; "
+            p.add_argument("--run", default=arg_env("RUN"), help="run directory or name (default: runs/latest; "
                                                        "train: a new run)")
         if name in ("train", "merge", "serve", "probe", "e2e", "reproduce"):
-            p.add_argument("--runtime", default=None, help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
+            p.add_argument("--runtime", default=arg_env("RUNTIME"), help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
                                                            "docker when an engine answers)")
         if name in ("serve", "ask", "probe", "e2e"):
-            p.add_argument("--port", default=None, help="server port (default: the recipe's serve.port)")
+            p.add_argument("--port", default=arg_env("PORT"), help="server port (default: the recipe's serve.port)")
         if name in ("ask", "probe"):
-            p.add_argument("--base-url", default=None, help="any OpenAI-compatible server (default: the lab's)")
+            p.add_argument("--base-url", default=arg_env("BASE_URL"), help="any OpenAI-compatible server (default: the lab's)")
     sub.choices["fixture"].add_argument("--force", action="store_true", help="rebuild even if cached")
-    sub.choices["train"].add_argument("--gpus", type=int, default=1, help="processes, one per device, through "
+    sub.choices["train"].add_argument("--gpus", type=int, default=arg_env("GPUS", 1), help="processes, one per device, through "
                                                                           "accelerate launch (CPU: gloo)")
-    sub.choices["train"].add_argument("--dist", default="ddp", help="ddp|fsdp2|zero3 (recipes/accelerate/) or an "
+    sub.choices["train"].add_argument("--dist", default=arg_env("DIST", "ddp"), help="ddp|fsdp2|zero3 (recipes/accelerate/) or an "
                                                                     "accelerate config file")
-    sub.choices["train"].add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
-    sub.choices["serve"].add_argument("--adapter", action="store_true", help="serve the run's base + LoRA adapter "
+    sub.choices["train"].add_argument("--resume", action="store_true", default=arg_flag("RESUME"), help="continue the run from its last checkpoint")
+    sub.choices["serve"].add_argument("--adapter", action="store_true", default=arg_flag("ADAPTER"), help="serve the run's base + LoRA adapter "
                                                                            "with vLLM's runtime LoRA (no merge)")
-    sub.choices["serve"].add_argument("--gpus", type=int, default=None, help="GPUs one model is split over "
+    sub.choices["serve"].add_argument("--gpus", type=int, default=arg_env("GPUS"), help="GPUs one model is split over "
                                                                         "(vLLM --tensor-parallel-size)")
-    sub.choices["serve"].add_argument("--model", default=None, help="model dir, hub id, or 'base' (default: the run's merged model)")
-    sub.choices["ask"].add_argument("question")
-    sub.choices["reproduce"].add_argument("run", help="run directory, name, or its manifest.json")
-    sub.choices["compare"].add_argument("a", help="run directory, name, or manifest.json (its recipe sets the tolerances)")
-    sub.choices["compare"].add_argument("b", help="the run to compare with it")
+    sub.choices["serve"].add_argument("--model", default=arg_env("MODEL"), help="model dir, hub id, or 'base' (default: the run's merged model)")
+    sub.choices["ask"].add_argument("question", nargs="?", default=arg_env("Q", "Who are you?"))
+    sub.choices["reproduce"].add_argument("run", nargs="?", default=arg_env("RUN", "latest"), help="run directory, name, or its manifest.json")
+    sub.choices["compare"].add_argument("a", nargs="?", default=arg_env("A"), help="run directory, name, or manifest.json (its recipe sets the tolerances)")
+    sub.choices["compare"].add_argument("b", nargs="?", default=arg_env("B"), help="the run to compare with it")
     bench_p = sub.choices["bench"]
-    bench_p.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
-    bench_p.add_argument("--shape", default="embedded", help="embedded|qwen3-0.6b (random weights of that shape)")
-    bench_p.add_argument("--steps", type=int, default=40, help="optimizer steps per arm")
+    bench_p.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
+    bench_p.add_argument("--shape", default=arg_env("SHAPE", "embedded"), help="embedded|qwen3-0.6b (random weights of that shape)")
+    bench_p.add_argument("--steps", type=int, default=arg_env("STEPS", 40), help="optimizer steps per arm")
     bench_p.add_argument("--method", default="both", choices=("both", "lora", "full"))
-    bench_p.add_argument("--profile", action="store_true", help="torch.profiler over 3 steady steps of each arm: "
+    bench_p.add_argument("--profile", action="store_true", default=arg_flag("PROFILE"), help="torch.profiler over 3 steady steps of each arm: "
                                                                 "the top operators by self time, in the JSON")
-    sub.choices["doctor"].add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+    sub.choices["doctor"].add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
     sub.choices["doctor"].add_argument("--json", action="store_true", help="print it as JSON")
-    sub.choices["lock"].add_argument("names", nargs="*", help="which locks (default: every one in requirements/locks.yaml)")
+    sub.choices["lock"].add_argument("names", nargs="*", default=arg_env("LOCK", "").split(), help="which locks (default: every one in requirements/locks.yaml)")
     sub.choices["lock"].add_argument("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")
     sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
     sub.choices["resolve"].add_argument("--model", default=None, help="embedded, a model directory or a hub id "
                                                                       "(default: the recipe's model.path)")
     sub.choices["resolve"].add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
     images = sub.choices["images"]
-    images.add_argument("--hw", default="auto", help="auto|cpu|cuda|rocm")
+    images.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
     images.add_argument("--role", default="all", choices=("all", "train", "serve"))
     images.add_argument("--no-cache", action="store_true", help="rebuild every layer")
-    images.add_argument("--wheels", default=None, help="a directory of wheels pip may use in the build (offline hosts)")
-    images.add_argument("--ca-bundle", default=None, help="extra CA certificates (PEM) for TLS-intercepting proxies")
+    images.add_argument("--wheels", default=arg_env("WHEELS"), help="a directory of wheels pip may use in the build (offline hosts)")
+    images.add_argument("--ca-bundle", default=arg_env("CA_BUNDLE"), help="extra CA certificates (PEM) for TLS-intercepting proxies")
     sub.choices["probe"].add_argument("--out", default=None, help="also write the full result as JSON here")
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (CI cancel, `timeout`) and SIGHUP (a closed ssh session) unwind like Ctrl-C, so every
+    `finally` runs: servers and containers this call started are stopped, half-written files removed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return args.func(args)
-    except LabError as e:
-        print(f"lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lab {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"lab {args.command}: interrupted{f' ({e.args[0]})' if e.args else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lab doctor --json | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+    except Exception as e:  # noqa: BLE001 -- the one place every error becomes one line
+        if debug():
+            traceback.print_exc()
+        line, status = explain(e)
+        print(f"lab {args.command}: error: {line}", file=sys.stderr)
+        return status

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import Tolerances
-from lab.runs import find_run, write_json
+from lab.runs import find_run, read_json_file, write_json
 
 
 def load(ref: str) -> tuple[Path, dict]:
@@ -23,7 +23,7 @@ def load(ref: str) -> tuple[Path, dict]:
     manifest = run / "manifest.json"
     if not manifest.is_file():
         raise LabError(f"{manifest} is missing; runs made by `make train` or `make e2e` write one")
-    return run, json.loads(manifest.read_text(encoding="utf-8"))
+    return run, read_json_file(manifest, "rerun the run, or restore the file")
 
 
 def flatten(tree, prefix: str = "") -> dict:

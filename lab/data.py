@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a local file; malformed input names the file (and line, for JSONL)."""
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as e:  # GBK exports of Chinese data are common
+        raise LabError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); convert it, "
+                       f"e.g. `iconv -f GBK -t UTF-8 {path.name}`") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -100,6 +109,9 @@ def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
                 out[ours] = theirs.format(**row)
             except KeyError as e:
                 raise LabError(f"column template for {ours!r} needs field {e.args[0]!r}, row has {sorted(row)}") from None
+            except (ValueError, IndexError) as e:  # a stray brace, or a positional {0}
+                raise LabError(f"column template {theirs!r} for {ours!r} is not a valid template ({e}); name "
+                               "fields as {Field}, and write a literal brace as {{ or }}") from None
         else:
             if theirs not in row:
                 raise LabError(f"column mapping {ours}: {theirs!r} names a missing field; row has {sorted(row)}")
@@ -115,8 +127,14 @@ def _need(row: dict, field: str) -> Any:
 
 
 def _as_messages(turns: list, fmt: str) -> list[dict[str, str]]:
+    field = "conversations" if fmt == "sharegpt" else "messages"
+    if not isinstance(turns, list):
+        raise LabError(f"{field!r} must be a list of turns, got {type(turns).__name__}")
     out = []
     for turn in turns:
+        if not isinstance(turn, dict):
+            raise LabError(f"each turn of {field!r} is a mapping with "
+                           f"{'from/value' if fmt == 'sharegpt' else 'role/content'}, got {turn!r}"[:300])
         if fmt == "sharegpt":
             role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
             content = turn.get("value")
@@ -162,7 +180,17 @@ def render_identity(text: str, recipe: Recipe) -> str:
     return text.replace("{{name}}", recipe.identity.name).replace("{{author}}", recipe.identity.author)
 
 
+PLACEHOLDERS = ("{{name}}", "{{author}}")
+_LEFT_OVER = re.compile(r"\{\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\}")
+
+
 def _render(example: dict[str, list], recipe: Recipe) -> dict[str, list]:
+    for msgs in example.values():
+        for m in msgs:
+            left = [p for p in _LEFT_OVER.findall(m["content"]) if p not in PLACEHOLDERS]
+            if left:  # a typo such as {{nmae}} would otherwise be trained as literal text
+                raise LabError(f"unknown placeholder {left[0]} in {m['role']} text; the data may use "
+                               f"{' and '.join(PLACEHOLDERS)}")
     return {key: [{**m, "content": render_identity(m["content"], recipe)} for m in msgs] for key, msgs in example.items()}
 
 

@@ -14,7 +14,7 @@ from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
 from lab.runtime import Local
-from lab.serve import server_state, stop
+from lab.serve import auth_headers, server_state, stop
 
 
 def _summary_line(label: str, result: dict) -> str:
@@ -49,7 +49,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
             url = runtime.start(recipe, runtime.served_path(merged), run / "server-merged.log", port)
             serving = manifest.serving(server_state())
         with stage(run, "probe_after"):
-            parity = check_parity(url, before["model"], run)
+            parity = check_parity(url, before["model"], run, auth_headers(recipe))
             after = probe(url, recipe, old)
         write_json(run / "probe-after.json", after)
         print(_summary_line("after", after), flush=True)

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lab import pins
-from lab.runs import write_json
+from lab.runs import read_json_file, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
@@ -30,7 +30,8 @@ NOT_WEIGHTS = {"training_args.bin"}  # transformers' pickled arguments (holds pa
 
 def update(run: Path, **sections) -> dict:
     path = run / "manifest.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"schema": 1, "run": run.name}
+    data = read_json_file(path, "restore it, or move it aside to start the record again") if path.is_file() \
+        else {"schema": 1, "run": run.name}
     data.update(sections)
     timings = run / "timings.json"
     if timings.is_file():

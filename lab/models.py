@@ -69,10 +69,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
 
 def resolve_model(recipe) -> str:
     """The local directory of the recipe's base model (built, found or downloaded)."""
-    return resolve(recipe.model.path, recipe.model.revision)
+    return resolve(recipe.model.path, recipe.model.revision, recipe.model.allow_pickle)
 
 
-def resolve(path: str, revision: str | None = None) -> str:
+def resolve(path: str, revision: str | None = None, allow_pickle: bool = False) -> str:
     if path == EMBEDDED:
         from lab.fixture import ensure_fixture
 
@@ -81,8 +81,30 @@ def resolve(path: str, revision: str | None = None) -> str:
     if local.exists():
         if not local.is_dir():
             raise LabError(f"model.path {path!r} is a file; give a model directory or a hub id")
-        return str(local.resolve())
-    return hub_snapshot(path, revision)
+        return check_model_dir(local.resolve(), allow_pickle)
+    return check_model_dir(Path(hub_snapshot(path, revision)), allow_pickle)
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_model_dir(model: Path, allow_pickle: bool = False) -> str:
+    """A Hugging Face model directory: a config and safetensors weights. Pickled weights can run
+    code when loaded, so they are refused unless the recipe sets model.allow_pickle."""
+    if not (model / "config.json").is_file():
+        present = ", ".join(sorted(p.name for p in model.iterdir())[:5]) or "nothing"
+        raise LabError(f"model directory {model} has no config.json (it holds {present}); give a Hugging Face "
+                       "model directory: config.json, tokenizer files, *.safetensors")
+    if any(model.glob("*.safetensors")):
+        return str(model)
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in model.glob(pattern))
+    if pickled and not allow_pickle:
+        raise LabError(f"model {model} has only pickle weights ({pickled[0]}), which can run code when loaded; "
+                       "convert them to safetensors, or set model.allow_pickle=true if you trust the source")
+    if not pickled:
+        raise LabError(f"model directory {model} has no weights (*.safetensors); was the download or copy "
+                       "complete?")
+    return str(model)
 
 
 def snapshot_commit(model_dir: str | Path) -> str | None:

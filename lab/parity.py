@@ -13,26 +13,34 @@ from lab.errors import LabError
 from lab.runs import read_json
 
 
-def _render(url: str, model: str, messages: list[dict], kwargs: dict, generation_prompt: bool) -> list[int]:
+def _render(url: str, model: str, messages: list[dict], kwargs: dict, generation_prompt: bool,
+            headers: dict[str, str]) -> list[int]:
     import httpx
 
     body = {"model": model, "messages": messages, "add_generation_prompt": generation_prompt,
             "chat_template_kwargs": kwargs, "add_special_tokens": False}
-    r = httpx.post(f"{url}/tokenize", json=body, timeout=30.0)
+    try:
+        r = httpx.post(f"{url}/tokenize", json=body, headers=headers, timeout=30.0)
+        tokens = r.json().get("tokens") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as e:  # the server died, hung, or is not vLLM
+        raise LabError(f"{url}/tokenize did not answer ({type(e).__name__}); see the server's log") from None
     if r.status_code != 200:
         raise LabError(f"{url}/tokenize refused the chat render: HTTP {r.status_code} {r.text[:200]}")
-    return r.json()["tokens"]
+    if not isinstance(tokens, list):
+        raise LabError(f"{url}/tokenize answered without token ids: is this a vLLM server?")
+    return tokens
 
 
-def check_parity(url: str, model: str, run: Path) -> dict:
+def check_parity(url: str, model: str, run: Path, headers: dict[str, str] | None = None) -> dict:
     samples = read_json(run / "parity.json", "make train")
+    headers = headers or {}
     for i, s in enumerate(samples):
-        served_prompt = _render(url, model, s["prompt"], s["chat_template_kwargs"], True)
+        served_prompt = _render(url, model, s["prompt"], s["chat_template_kwargs"], True, headers)
         if served_prompt != s["prompt_ids"]:
             raise LabError(f"template drift: training rendered prompt {i} as {len(s['prompt_ids'])} tokens, the server "
                            f"as {len(served_prompt)}; first difference at token "
                            f"{_first_diff(served_prompt, s['prompt_ids'])} (check chat_template_kwargs and the template)")
-        served_full = _render(url, model, s["prompt"] + s["completion"], s["chat_template_kwargs"], False)
+        served_full = _render(url, model, s["prompt"] + s["completion"], s["chat_template_kwargs"], False, headers)
         if served_full != s["input_ids"]:
             raise LabError(f"template drift: conversation {i} differs from the trained ids at token "
                            f"{_first_diff(served_full, s['input_ids'])}")

@@ -27,21 +27,55 @@ from lab.recipe import Recipe
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
-def client(base_url: str, timeout: float):
+def server_root(url: str) -> str:
+    """http://host:port from BASE_URL as users write it (with or without /v1, a trailing slash)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LabError(f"BASE_URL={url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
+    path = parts.path.rstrip("/")
+    path = path[: -len("/v1")] if path.endswith("/v1") else path
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def public_url(url: str) -> str:
+    """A URL fit to record: no user:password@, no query string (tokens travel there too)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def client(base_url: str, recipe: Recipe):
     import openai
 
-    # A local vLLM ignores the key; a remote endpoint reads it from the environment, never a file.
-    return openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-                         max_retries=0, timeout=timeout)
+    from lab.serve import api_key
+
+    # The lab's own key (serve.api_key_env, LAB_API_KEY by default), from the environment: a user's
+    # OPENAI_API_KEY is never sent to whatever BASE_URL names.
+    return openai.OpenAI(base_url=server_root(base_url) + "/v1", api_key=api_key(recipe) or "EMPTY",
+                         max_retries=0, timeout=recipe.probe.timeout_s)
 
 
-def served_model(api, prefer: str | None = None) -> str:
+def served_model(api, prefer: str | None = None, key_env: str = "LAB_API_KEY") -> str:
     import openai
 
     try:
         models = api.models.list().data
     except openai.APIConnectionError:
         raise LabError(f"no server answers at {api.base_url}; start one with `make serve`") from None
+    except openai.AuthenticationError:
+        raise LabError(f"{api.base_url} refused the API key; set {key_env} to the key the server was started "
+                       "with") from None
+    except openai.NotFoundError:
+        raise LabError(f"{api.base_url}models does not exist: is this an OpenAI-compatible server? Give BASE_URL "
+                       "as http://host:port") from None
+    except openai.APIStatusError as e:
+        raise LabError(f"{api.base_url}models answered HTTP {e.status_code}; is this an OpenAI-compatible "
+                       "server?") from None
     if not models:
         raise LabError(f"{api.base_url} serves no model")
     ids = [m.id for m in models]
@@ -58,7 +92,8 @@ def chat(api, model: str, question: str, recipe: Recipe) -> dict[str, Any]:
             extra_body={"chat_template_kwargs": recipe.chat_template_kwargs},
         )
     except openai.APIConnectionError:
-        raise LabError(f"lost the server at {api.base_url} (see runs/latest/server.log)") from None
+        raise LabError(f"lost the server at {api.base_url} (its log: runs/server.log, or the run's "
+                       "server-*.log under e2e)") from None
     except openai.APIStatusError as e:
         raise LabError(f"server refused the request: HTTP {e.status_code} {e.message}") from None
     choice = r.choices[0]
@@ -66,8 +101,8 @@ def chat(api, model: str, question: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def ask(base_url: str, question: str, recipe: Recipe) -> dict[str, Any]:
-    api = client(base_url, recipe.probe.timeout_s)
-    return chat(api, served_model(api, recipe.serve.served_model_name), question, recipe)
+    api = client(base_url, recipe)
+    return chat(api, served_model(api, recipe.serve.served_model_name, recipe.serve.api_key_env), question, recipe)
 
 
 def contains(text: str, needle: str) -> bool:
@@ -255,10 +290,10 @@ def old_identity_of(recipe: Recipe, base_model: str | None) -> list[str]:
 
 def probe(base_url: str, recipe: Recipe, old_identity: list[str]) -> dict[str, Any]:
     questions = load_questions(recipe)
-    api = client(base_url, recipe.probe.timeout_s)
-    model = served_model(api, recipe.serve.served_model_name)
+    api = client(base_url, recipe)
+    model = served_model(api, recipe.serve.served_model_name, recipe.serve.api_key_env)
     answers = {key: [chat(api, model, q["q"], recipe) for q in questions[key]] for key in ("identity", "controls")}
-    return {"base_url": base_url, "model": model, **score(questions, answers, recipe, old_identity)}
+    return {"base_url": public_url(base_url), "model": model, **score(questions, answers, recipe, old_identity)}
 
 
 def score(questions: dict[str, list[dict]], answers: dict[str, list[dict]], recipe: Recipe,
@@ -333,14 +368,14 @@ def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path,
     from lab.serve import server_state
 
     state = server_state()
-    ours = state if state and state["url"].rstrip("/") == url.rstrip("/") else None
+    ours = state if state and state["url"].rstrip("/") == server_root(url) else None
     run = owner(runtime.host_path(ours["model"])) if ours else None
     if run is None:
-        run = new_run("probe")
+        run = new_run("probe", latest=False)  # a probe is no training run: `latest` stays
         manifest.update(run, environment=manifest.environment(), hardware=manifest.hardware(recipe.backend))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     write_json(run / f"probe-{stamp}.json", result)
-    entry = {"at": stamp, "file": f"probe-{stamp}.json", "url": url, "recipe_sha256": recipe.sha256(),
+    entry = {"at": stamp, "file": f"probe-{stamp}.json", "url": public_url(url), "recipe_sha256": recipe.sha256(),
              "serving": manifest.serving(ours), "summary": result["summary"]}
     merged = run / "probe-after.json"
     if ours and ours.get("adapter") and merged.is_file():

@@ -36,6 +36,8 @@ class ModelSpec(Section):
     revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="weights while training and in merged/; auto: the device's best (lab/capability.py)")
+    allow_pickle: bool = Field(False, description="load *.bin/*.pt weights (pickle, which can run code) "
+                               "when a model has no safetensors")
     attn_implementation: str = Field("auto", description="a transformers attn_implementation, or auto: the "
                                      "first usable of hardware.SPEED's list for the backend (sdpa on CPU)")
 
@@ -110,7 +112,10 @@ class CompareSpec(Section):
 
 
 class ServeSpec(Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address vLLM listens on; anything but loopback needs an API key")
+    api_key_env: str = Field("LAB_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="environment variable holding the API key vLLM requires and the "
+                             "lab's clients send (unset: no key, loopback only)")
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str = "lab"
     config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")
@@ -138,6 +143,8 @@ class Recipe(Section):
     # Let the lab choose attention, fused kernels, packing, micro-batch and checkpointing (lab/speed.py,
     # recorded in the manifest); false = exactly TRL's defaults under the recipe's own `train` keys.
     speed: bool = True
+    # Train keys that run remote code, upload or report elsewhere, allowed on purpose (GUARDED_TRAIN_KEYS).
+    allow: list[Literal["trust_remote_code", "push_to_hub", "report_to"]] = []
     compare: CompareSpec = CompareSpec()
     hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
 
@@ -193,14 +200,29 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
-    """`identity.name=Orion` -> (['identity', 'name'], 'Orion'); values are read as YAML."""
+    """`identity.name=Orion` -> (['identity', 'name'], 'Orion'); values are read as YAML, except
+    where the schema wants text: identity.name=No, =007 or ="Orion: the Great" stay strings."""
     parsed = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise LabError(f"override {item!r} is not key.sub=value (e.g. identity.name=Orion)")
-        parsed.append((key.strip().split("."), _yaml_value(raw)))
+        keys = key.strip().split(".")
+        parsed.append((keys, raw if _text_field(keys) else _yaml_value(raw)))
     return parsed
+
+
+def _text_field(keys: list[str]) -> bool:
+    """Whether the schema types this key as plain text (str or str | None)."""
+    model: Any = Recipe
+    for i, key in enumerate(keys):
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if i == len(keys) - 1:
+            return field.annotation in (str, str | None)
+        model = field.annotation
+    return False
 
 
 def _set_path(tree: dict, keys: list[str], value: Any, dotted: str) -> None:
@@ -262,20 +284,85 @@ def sft_config_fields() -> set[str]:
 
 
 # Keys the lab derives itself; setting them in `train` would silently fight the lab.
-LAB_OWNED_TRAIN_KEYS = {"output_dir", "seed", "resume_from_checkpoint"}
+LAB_OWNED_TRAIN_KEYS = {"output_dir", "seed", "resume_from_checkpoint", "model_init_kwargs"}
+# Keys that run code from the Hub, upload the model, or report elsewhere: refused unless the recipe
+# lists them under `allow:` (a deliberate, reviewable line in the recipe).
+GUARDED_TRAIN_KEYS = {"trust_remote_code": "runs the model repository's own Python code",
+                      "push_to_hub": "uploads the model (trained on your data) to the Hub",
+                      "report_to": "sends metrics to an outside service"}
+# Credentials never belong in a recipe: it is copied into runs/, manifests and reports.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
 
 
-def check_train_keys(train: dict[str, Any]) -> list[str]:
+def _guarded(key: str, value: Any) -> str | None:
+    if key.startswith("hub_") or key.startswith("push_to_hub"):
+        return "push_to_hub" if value not in (None, False, "", []) else None
+    if key == "report_to":
+        return None if value in ("none", None, [], ["none"]) else "report_to"
+    if key in GUARDED_TRAIN_KEYS:
+        return key if value not in (None, False) else None
+    return None
+
+
+def secret_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of keys that look like credentials (hub_token, api_key, ...)."""
+    found = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            path = f"{prefix}{k}"
+            if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "", False):
+                found.append(path)
+            found += secret_keys(v, f"{path}.")
+    return found
+
+
+def _type_problem(key: str, value: Any, hints: dict) -> str | None:
+    """`train.num_train_epochs=abc`: checked against SFTConfig's own annotation (pydantic does
+    the coercion rules, so `3` for a float passes and `abc` does not)."""
+    from pydantic import TypeAdapter
+
+    annotation = hints.get(key)
+    if annotation is None:
+        return None
+    try:
+        adapter = TypeAdapter(annotation)
+    except Exception:  # an annotation pydantic cannot build a validator for: left to TRL
+        return None
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        return f"train.{key}={value!r} is not a valid {kind}"
+    return None
+
+
+def check_train_keys(train: dict[str, Any], allow: list[str] | None = None) -> list[str]:
     try:
         known = sft_config_fields()
     except ImportError:  # a harness-only host (RUNTIME=docker): the training container checks them
         return []
+    import typing
+
+    from trl import SFTConfig
+
+    try:
+        hints = typing.get_type_hints(SFTConfig)
+    except Exception:  # noqa: BLE001 -- unresolvable annotations: types are then left to TRL
+        hints = {}
     problems = []
-    for key in train:
+    for key, value in train.items():
         if key in LAB_OWNED_TRAIN_KEYS:
             problems.append(f"train.{key} is set by the lab (use the top-level key or the CLI instead)")
         elif key not in known:
             problems.append(f"unknown key 'train.{key}' (not an SFTConfig field){_close(key, known)}")
+        elif SECRET_KEY.search(key):
+            problems.append(f"train.{key} is a credential; recipes are copied into runs and manifests, so "
+                            "give it through the environment (HF_TOKEN) instead")
+        elif (guard := _guarded(key, value)) and guard not in (allow or []):
+            problems.append(f"train.{key} {GUARDED_TRAIN_KEYS[guard]}; add `allow: [{guard}]` to the recipe "
+                            "if you mean it")
+        elif problem := _type_problem(key, value, hints):
+            problems.append(problem)
     return problems
 
 
@@ -286,14 +373,7 @@ def load_recipe(
     check_train: bool = True,
 ) -> Recipe:
     path = find_recipe(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise LabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise LabError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml(path, "a recipe")
 
     backend = resolve_backend(hw)
     overlays = raw.get("hw") or {}
@@ -312,8 +392,11 @@ def load_recipe(
         problems = []
     except ValidationError as err:
         recipe, problems = None, _schema_errors(err)
+    problems += [f"{key} is a credential; recipes are copied into runs and manifests, so give it through the "
+                 "environment (HF_TOKEN) instead" for key in secret_keys(merged) if not key.startswith("train.")]
     if check_train and isinstance(merged.get("train"), dict):
-        problems += check_train_keys(merged["train"])
+        problems += check_train_keys(merged["train"], merged.get("allow") if isinstance(merged.get("allow"), list)
+                                     else None)
     if problems:
         raise LabError(f"{path.name}: " + "; ".join(problems))
     return recipe
@@ -324,4 +407,24 @@ def load_saved(run: Path) -> Recipe:
     path = run / "recipe.yaml"
     if not path.is_file():
         raise LabError(f"{path} is missing; `make train` produces it")
-    return Recipe.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    try:
+        return Recipe.model_validate(read_yaml(path, "a saved recipe"))
+    except ValidationError as err:
+        raise LabError(f"{path}: not a recipe this lab can read ({'; '.join(_schema_errors(err))}); was it "
+                       "edited, or written by another version of the lab?") from None
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping from a file; every way it can be unreadable is one line naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LabError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                       "save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise LabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise LabError(f"{path}: {what} is a YAML mapping, got {type(raw).__name__}")
+    return raw

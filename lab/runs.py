@@ -19,20 +19,43 @@ from lab.errors import LabError
 RUNS_DIR = Path(os.environ.get("LAB_RUNS", Path(__file__).resolve().parent.parent / "runs"))
 
 
-def new_run(recipe_name: str) -> Path:
+def new_run(recipe_name: str, latest: bool = True) -> Path:
+    """A new run directory; `latest` moves to it unless it only records a probe or a benchmark."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = RUNS_DIR / f"{stamp}-{recipe_name}"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
     n = 1
-    while run.exists():  # two runs in the same second
-        n += 1
-        run = RUNS_DIR / f"{stamp}-{recipe_name}-{n}"
-    run.mkdir(parents=True)
-    _point_latest(run)
+    while True:
+        run = RUNS_DIR / (f"{stamp}-{recipe_name}" if n == 1 else f"{stamp}-{recipe_name}-{n}")
+        try:
+            run.mkdir()  # atomic: two runs started in the same second get different names
+            break
+        except FileExistsError:
+            n += 1
+    if latest:
+        _point_latest(run)
     return run
+
+
+def discard_run(run: Path) -> None:
+    """Remove a run that failed before it produced anything worth keeping (no checkpoint), so a
+    half-made run never looks like a result; `latest` goes back to the newest remaining run."""
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    latest = RUNS_DIR / "latest"
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink(missing_ok=True)
+        remaining = sorted((d for d in RUNS_DIR.iterdir() if d.is_dir() and not d.is_symlink()
+                            and not d.name.startswith(".") and (d / "recipe.yaml").is_file()), key=lambda d: d.name)
+        if remaining:
+            _point_latest(remaining[-1])
 
 
 def run_dir(ref: str) -> Path:
     """A run to train into, named by the caller (the docker runtime names the run it created)."""
+    if ref.strip() in ("", ".", "..") or ".." in Path(ref).parts:
+        raise LabError(f"RUN={ref!r} is not a run name; give a name such as my-run (kept under {RUNS_DIR}) "
+                       "or a run directory path")
     run = Path(ref) if "/" in ref else RUNS_DIR / ref
     if (run / "adapter").exists() or (run / "model").exists():
         raise LabError(f"run {run} is already trained; use RESUME=1 to continue it, or a new run")
@@ -71,13 +94,25 @@ def find_run(ref: str | None = None) -> Path:
 def read_json(path: Path, what_makes_it: str):
     if not path.is_file():
         raise LabError(f"{path} is missing; `{what_makes_it}` produces it")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_file(path, f"`{what_makes_it}` writes it again")
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Atomically: a temp file of this process's own, then a rename (a reader never sees half)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json_file(path: Path, what: str):
+    """JSON the lab wrote; a damaged file is one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LabError(f"{path} is damaged ({e}); {what}") from None
 
 
 @contextlib.contextmanager

@@ -203,8 +203,8 @@ class Docker:
                 self.visible(Path(container_path))
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import (check_free, check_model_dir, context_args, engine_args, parallel_env, serve_config,
-                               wait_healthy)
+        from lab.serve import (api_key, check_free, check_model_dir, context_args, engine_args, parallel_env,
+                               serve_config, wait_healthy)
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
@@ -225,6 +225,8 @@ class Docker:
         svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model))]
         if config:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
+        # the key vLLM requires, as the local runtime passes it (the environment, never argv)
+        svc["environment"] = {**(svc.get("environment") or {}), "VLLM_API_KEY": api_key(recipe) or ""}
         container = self.c.start(svc, log)
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"],

@@ -46,11 +46,38 @@ def serve_config(recipe: Recipe) -> Path:
 
 
 def serve_env(recipe: Recipe) -> dict[str, str]:
-    """serve/<backend>.env (the serve containers' env_file too) under the caller's environment."""
+    """serve/<backend>.env (the serve containers' env_file too) under the caller's environment, with
+    vLLM's key set from the lab's: the server requires exactly the key the lab's clients send."""
     from lab.containers import read_env_file
 
     path = ROOT / "serve" / f"{recipe.backend}.env"
-    return {**parallel_env(recipe), **(read_env_file(path) if path.is_file() else {}), **os.environ}
+    env = {**parallel_env(recipe), **(read_env_file(path) if path.is_file() else {}), **os.environ}
+    env.pop("VLLM_API_KEY", None)
+    if key := api_key(recipe):
+        env["VLLM_API_KEY"] = key  # in the environment, not argv: `ps` shows argv to every user
+    return env
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_key(recipe: Recipe) -> str | None:
+    """The key from the environment variable the recipe names (LAB_API_KEY by default); never a file."""
+    return os.environ.get(recipe.serve.api_key_env) or None
+
+
+def auth_headers(recipe: Recipe) -> dict[str, str]:
+    key = api_key(recipe)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def check_exposure(recipe: Recipe) -> None:
+    """Loopback unless asked; then only with a key. vLLM's key guards /v1 but not /health, /tokenize
+    or /invocations, so an exposed server still belongs behind a firewall."""
+    if recipe.serve.host not in LOOPBACK and not api_key(recipe):
+        raise LabError(f"serve.host={recipe.serve.host} listens beyond this machine; set "
+                       f"{recipe.serve.api_key_env}=<secret> so vLLM requires a key (its /tokenize and "
+                       "/invocations stay open: keep such a server behind a firewall)")
 
 
 def parallel_env(recipe: Recipe) -> dict[str, str]:
@@ -145,6 +172,7 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
     """Start vLLM in the background and return its base URL once /health answers. With an
     adapter, vLLM applies the LoRA at run time over the base (no merge)."""
     url = base_url(recipe, port)
+    check_exposure(recipe)
     check_free(url)
     check_model_dir(model_dir)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -185,7 +213,8 @@ def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> s
 
 def server_state() -> dict | None:
     """The lab's server record (url, log, model, and pid + argv or container + image), if any."""
-    return json.loads(state_file().read_text()) if state_file().is_file() else None
+    return (runs.read_json_file(state_file(), "remove it once no lab server runs (`ps`, `docker ps`)")
+            if state_file().is_file() else None)
 
 
 def _alive(pid: int) -> bool:

@@ -10,6 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # Tests pick their runtime explicitly: an engine on the machine must not move the CPU tests into containers.
 os.environ["LAB_RUNTIME"] = "local"
+# `make test` exports the make variables as LAB_ARG_* (Makefile); tests give their arguments themselves.
+for _name in [k for k in os.environ if k.startswith("LAB_ARG_")]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
