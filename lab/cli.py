@@ -88,22 +88,52 @@ def cmd_train(args) -> int:
         raise LabError(f"GPUS={args.gpus}: give a number of processes, 1 or more")
     if args.gpus > 1:
         config_file(args.dist)  # before a run directory exists
+    created = False
     if args.resume:
         run = find_run(args.run)
         recipe = load_saved(run)
+        _same_recipe(args, run, recipe)
+        args.recipe, args.set = str(run / "recipe.yaml"), ""  # what other processes and containers read
         print(f"lab: resuming {run.name}")
     else:
         recipe = _recipe(args, check_train=True)
+        created = not args.run
         run = run_dir(args.run) if args.run else new_run(recipe.name)
-    runtime = _runtime(args, recipe)
-    if not is_main_process():  # one of N processes under accelerate launch: the launcher times it
-        runtime.train(recipe, run, resume=args.resume)
-        return 0
-    with stage(run, "train"):
-        runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist)
+    try:
+        runtime = _runtime(args, recipe)
+        if not is_main_process():  # one of N processes under accelerate launch: the launcher times it
+            runtime.train(recipe, run, resume=args.resume)
+            return 0
+        with stage(run, "train"):
+            runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist)
+    except BaseException:
+        # A new run that failed before its first checkpoint holds nothing to resume: it goes, so
+        # it never looks like a result (and `latest` goes back). One with a checkpoint stays for RESUME=1.
+        if created and is_main_process() and not any((run / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            from lab.runs import discard_run
+
+            discard_run(run)
+            print(f"lab: removed {run.name} (it failed before its first checkpoint)", file=sys.stderr)
+        raise
     manifest.update(run)  # picks up the stage's time
     print(f"lab: run directory {run}")
     return 0
+
+
+def _same_recipe(args, run: Path, saved) -> None:
+    """RESUME=1 with RECIPE= or SET= is refused unless they resolve to the recipe the run started with."""
+    if not (args.recipe or args.set):
+        return
+    from lab.compare import flatten
+    from lab.recipe import load_recipe
+
+    given = load_recipe(args.recipe or str(run / "recipe.yaml"), overrides(args), hw=saved.backend, check_train=False)
+    if given.sha256() == saved.sha256():
+        return
+    a, b = (flatten(r.model_dump(mode="json", exclude={"source"})) for r in (saved, given))
+    key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+    raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with, and RECIPE/SET differ from it "
+                   f"({key}: {a.get(key)!r} -> {b.get(key)!r}); drop them, or start a new run")
 
 
 def cmd_merge(args) -> int:

@@ -112,13 +112,15 @@ def merge(run: Path) -> Path:
     if info["method"] == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), trained).eval()
+        # safetensors only (pickle can run code), unless the recipe opted in for its base model
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, use_safetensors=not recipe.model.allow_pickle), trained).eval()
         probe = load_questions(recipe)
         questions = [q["q"] for q in probe["identity"] + probe["controls"]]
         with_adapter = greedy_answers(model, tokenizer, questions, recipe.probe.max_tokens)
         model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(trained, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(trained, dtype=dtype, use_safetensors=True).eval()
         questions, with_adapter = [], []
 
     tmp = run / ".merged.tmp"
@@ -131,7 +133,7 @@ def merge(run: Path) -> Path:
         _write_generation_config(model, tmp, end_of_turn_id(tokenizer, recipe.chat_template_kwargs))
         checks = check_merged(tmp, base, recipe.chat_template_kwargs)
         if questions:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True).eval()
             merged_answers = greedy_answers(reloaded, tokenizer, questions, recipe.probe.max_tokens)
             agree = sum(a == b for a, b in zip(with_adapter, merged_answers)) / len(questions)
             if agree < AGREEMENT_MIN[info["dtype"]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lab.runs import write_json
@@ -39,9 +40,14 @@ def plot_loss(series: dict[str, list], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+_MARKDOWN = re.compile(r"([\\`*_\[\]()!#~])")
+
+
 def _cell(text: str) -> str:
-    """Model output inside a table cell: no pipes, no newlines, no raw HTML (e.g. <think>)."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("\n", " ")
+    """Model output inside a table cell: no pipes, no newlines, no raw HTML (e.g. <think>), and no
+    Markdown of its own: a `[x](javascript:...)` or `![](http://...)` in an answer stays text."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+    return _MARKDOWN.sub(r"\\\1", text).replace("|", "\\|")
 
 
 def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | None = None) -> dict:

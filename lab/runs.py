@@ -107,6 +107,15 @@ def write_json(path: Path, data) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_json_file(path: Path, what: str):
     """JSON the lab wrote; a damaged file is one line naming it."""
     try:

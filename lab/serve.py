@@ -110,6 +110,8 @@ def engine_args(recipe: Recipe, adapter: str | None = None) -> list[str]:
     """vLLM flags beyond serve/<hw>.yaml, the same for the local and the docker runtime."""
     tp = recipe.serve.tensor_parallel_size
     return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
+            # vLLM's `auto` falls back to *.bin (pickle); the lab serves safetensors unless told otherwise
+            *([] if recipe.model.allow_pickle else ["--load-format", "safetensors"]),
             *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else [])]
 
 

@@ -19,10 +19,45 @@ from lab.hardware import DEFAULTS as HW_DEFAULTS
 from lab.launch import is_main_process
 from lab.models import resolve_model, snapshot_commit
 from lab.recipe import Recipe
-from lab.runs import write_json
+from lab.runs import write_json, write_text_atomic
 
-# Lab defaults under the recipe's `train` keys (the recipe wins): quiet, local, resumable.
-TRAIN_DEFAULTS = dict(report_to="none", logging_steps=5, save_strategy="epoch", save_total_limit=1)
+# Lab defaults under the recipe's `train` keys (the recipe wins): quiet, local, resumable. A
+# checkpoint every tenth of the run (train.save_steps: a step count, or a fraction of the run), so a
+# killed run loses at most that much; the last one is kept, and the one before until it is complete.
+TRAIN_DEFAULTS = dict(report_to="none", logging_steps=5, save_strategy="steps", save_steps=0.1, save_total_limit=1)
+# What transformers writes last into a checkpoint: a directory without it was cut off mid-save.
+CHECKPOINT_DONE = "trainer_state.json"
+
+
+def last_complete_checkpoint(checkpoints: Path, remove_partial: bool = True) -> Path | None:
+    """The newest checkpoint that was written to the end; half-written ones (a kill during a save)
+    are removed, so neither transformers nor the rotation of old checkpoints ever picks one."""
+    import shutil
+
+    found = sorted((d for d in checkpoints.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()),
+                   key=lambda d: int(d.name.split("-")[-1]))
+    complete = [d for d in found if (d / CHECKPOINT_DONE).is_file()
+                and any(d.glob("*.safetensors"))]
+    for d in found:
+        if remove_partial and d not in complete:
+            print(f"train: removing {d.name}: written only in part (interrupted while saving)")
+            shutil.rmtree(d, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def check_same_data(sources: list[dict], run: Path) -> None:
+    """RESUME=1 continues on the data the run started with, or not at all."""
+    path = run / "data" / "sources.json"
+    if not path.is_file():
+        return
+    from lab.runs import read_json_file
+
+    started = {s["path"]: s["rows_sha256"] for s in read_json_file(path, "remove it to skip this check")}
+    now = {s["path"]: s["rows_sha256"] for s in sources}
+    changed = sorted(p for p in started.keys() | now.keys() if started.get(p) != now.get(p))
+    if changed:
+        raise LabError(f"RESUME=1: dataset {changed[0]} changed since {run.name} started; the checkpoint was "
+                       "trained on the old rows: restore them, or start a new run")
 PARITY_SAMPLES = 4
 
 
@@ -123,16 +158,22 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     # Under accelerate launch every process builds the same examples; rank 0 alone writes files.
     main = is_main_process()
     examples, sources = build_examples(recipe)
-    if main:
+    checkpoints = run / "checkpoints"
+    resume_from = None
+    if resume:
+        check_same_data(sources, run)
+        resume_from = last_complete_checkpoint(checkpoints, remove_partial=main)  # every rank: the same one
+        if resume_from is None:
+            raise LabError(f"RESUME=1 but {checkpoints} holds no complete checkpoint to resume from")
+    if main and not resume:  # a resumed run keeps what it started with
         write_examples(examples, run / "data" / "train.jsonl")
+        write_json(run / "data" / "sources.json", sources)
         for s in sources:
             print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
         print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
-        (run / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-
-    checkpoints = run / "checkpoints"
-    if resume and not any(checkpoints.glob("checkpoint-*")):
-        raise LabError(f"RESUME=1 but {checkpoints} holds no checkpoint to resume from")
+        write_text_atomic(run / "recipe.yaml", recipe.to_yaml())
+    if resume_from:
+        print(f"train: resuming from {resume_from.name}")
     # What this device runs (precision, weight dtype), before anything heavy loads; a GPU backend
     # that sees no GPU stops here with the cause.
     device = capability.detect(recipe.backend)
@@ -167,8 +208,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     try:
         args = SFTConfig(
             output_dir=str(checkpoints), seed=recipe.seed,
-            model_init_kwargs={"dtype": dtype, "attn_implementation": attn,
-                               "revision": recipe.model.revision},
+            model_init_kwargs={"dtype": dtype, "attn_implementation": attn, "revision": recipe.model.revision,
+                               "use_safetensors": not recipe.model.allow_pickle},
             **settings,
         )
     except ValueError as e:  # transformers' own validation of the settings
@@ -181,7 +222,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     if main:
         write_json(run / "parity.json", parity_sample(rows, examples, tokenizer, packed=bool(args.packing)))
 
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    # an explicit directory: transformers' own pick is the highest number, complete or not
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     out = run / ("adapter" if recipe.method == "lora" else "model")
     trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; rank 0 writes
     if not main:
