@@ -113,7 +113,7 @@ def cmd_train(args) -> int:
             from lab.runs import discard_run
 
             discard_run(run)
-            print(f"lab: removed {run.name} (it failed before its first checkpoint)", file=sys.stderr)
+            print(f"lab: removed {run.name} (it failed before its first checkpoint)")
         raise
     manifest.update(run)  # picks up the stage's time
     print(f"lab: run directory {run}")
@@ -204,17 +204,32 @@ def cmd_serve(args) -> int:
         model, adapter = runtime.base_model(trained), runtime.served_path(run / "adapter")
     else:
         model = _model_to_serve(args, recipe, runtime)
-    print(f"serve: starting vLLM for {model}{f' + LoRA {adapter}' if adapter else ''} "
-          f"(log: {RUNS_DIR / 'server.log'})", flush=True)
-    url = runtime.start(recipe, model, RUNS_DIR / "server.log", _port(args), adapter)
+    port = _port(args) or recipe.serve.port
+    log = RUNS_DIR / f"server-{port}.log"  # one per port: two servers never write one log
+    print(f"serve: starting vLLM for {model}{f' + LoRA {adapter}' if adapter else ''} (log: {log})", flush=True)
+    url = runtime.start(recipe, model, log, port, adapter)
     print(f"serve: ready at {url}/v1 as model {recipe.serve.served_model_name!r}; `make stop` ends it")
     return 0
 
 
 def cmd_stop(args) -> int:
-    from lab.serve import stop
+    """Stop the lab's servers (PORT=: that one), then any serving container of this checkout that
+    lost its record (its lab command was killed), found by label."""
+    from lab.serve import records, stop
 
-    stop()
+    stop(port=_port(args))
+    if args.port:
+        return 0
+    from lab import containers
+
+    if not containers.engine_available():
+        return 0
+    known = {r.get("container") for r in records()}
+    for c in containers.lab_containers():
+        if c.labels.get(containers.LABEL, "").startswith("serve-") and c.id not in known:
+            containers.remove(c, timeout=10)
+            print(f"stop: removed container {c.short_id} ({c.labels[containers.LABEL]}), left by an interrupted "
+                  "lab command")
     return 0
 
 
@@ -433,7 +448,7 @@ def make_parser() -> argparse.ArgumentParser:
         if name in ("train", "merge", "serve", "probe", "e2e", "reproduce"):
             p.add_argument("--runtime", default=arg_env("RUNTIME"), help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
                                                            "docker when an engine answers)")
-        if name in ("serve", "ask", "probe", "e2e"):
+        if name in ("serve", "ask", "probe", "e2e", "stop"):
             p.add_argument("--port", default=arg_env("PORT"), help="server port (default: the recipe's serve.port)")
         if name in ("ask", "probe"):
             p.add_argument("--base-url", default=arg_env("BASE_URL"), help="any OpenAI-compatible server (default: the lab's)")

@@ -24,6 +24,13 @@ from lab.errors import LabError
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 LABEL = "org.lab.service"  # every container the lab starts carries it (cleanup finds them)
+RUNS_LABEL = "org.lab.runs"  # and the runs directory it belongs to: `make stop` sweeps only its own
+
+
+def runs_label() -> str:
+    from lab import runs
+
+    return str(runs.RUNS_DIR.resolve())
 
 # The compose keys this module maps onto the SDK; anything else in compose.yaml is an error,
 # so the file and the runtime cannot drift apart silently.
@@ -176,7 +183,7 @@ def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None 
         "command": command if command is not None else svc.get("command"),
         "environment": env,
         "volumes": {str(host): {"bind": container, "mode": mode} for host, container, mode in binds(svc)},
-        "labels": {LABEL: svc["name"]},
+        "labels": {LABEL: svc["name"], RUNS_LABEL: runs_label()},
     }
     if svc.get("entrypoint"):
         kw["entrypoint"] = svc["entrypoint"]
@@ -362,8 +369,8 @@ def run(svc: dict, command: list[str], log: Path) -> int:
     # what the run's manifest records as "container": the image and its exact id
     kw["environment"].update(LAB_IMAGE=svc["image"], LAB_IMAGE_ID=client().images.get(svc["image"]).id)
     container = client().containers.create(**kw)
-    log.parent.mkdir(parents=True, exist_ok=True)
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
         container.start()
         pump = _pump_logs(container, log, echo=True)
         code = container.wait()["StatusCode"]
@@ -374,11 +381,16 @@ def run(svc: dict, command: list[str], log: Path) -> int:
 
 
 def start(svc: dict, log: Path):
-    """Start the service detached (a server); the caller waits for health and stops it."""
+    """Start the service detached (a server); the caller waits for health and stops it. A start
+    the engine refuses (port allocated, no GPU runtime, no /dev/kfd) leaves no container behind."""
     container = client().containers.create(**run_kwargs(svc, None, run_network()))
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_bytes(b"")
-    container.start()
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")
+        container.start()
+    except BaseException:
+        remove(container, timeout=5)
+        raise
     _pump_logs(container, log, echo=False)
     return container
 
@@ -407,11 +419,20 @@ def remove(container, timeout: int = 30) -> None:
 
 
 def remove_id(container_id: str, timeout: int = 30) -> bool:
+    """Remove a container the lab started: one without the lab's label is left alone (a record
+    under runs/ is writable by training containers, so it is not trusted to name any container)."""
     import docker
 
     try:
         container = client().containers.get(container_id)
     except docker.errors.NotFound:
         return False
+    if LABEL not in (container.labels or {}):
+        return False
     remove(container, timeout)
     return True
+
+
+def lab_containers() -> list:
+    """The running containers this lab checkout started (found by label after a crash or kill -9)."""
+    return client().containers.list(filters={"label": [f"{RUNS_LABEL}={runs_label()}"]})

@@ -14,7 +14,7 @@ from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
 from lab.runtime import Local
-from lab.serve import auth_headers, server_state, stop
+from lab.serve import auth_headers, port_of, server_state, stop_url
 
 
 def _summary_line(label: str, result: dict) -> str:
@@ -27,6 +27,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
     runtime = runtime or Local()
     run = new_run(recipe.name)
     print(f"e2e: run directory {run} (runtime: {runtime.name})", flush=True)
+    url = None  # the server this e2e started, and only that one, is stopped in `finally`
     try:
         with stage(run, "fixture" if recipe.model.path == "embedded" else "resolve_model"):
             base = runtime.base_model(recipe)
@@ -38,7 +39,8 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
             before = probe(url, recipe, old)
         write_json(run / "probe-before.json", before)
         print(_summary_line("before", before), flush=True)
-        stop(quiet=True)
+        stop_url(url)
+        url = None
 
         with stage(run, "train"):
             runtime.train(recipe, run)
@@ -47,7 +49,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
 
         with stage(run, "serve_merged"):
             url = runtime.start(recipe, runtime.served_path(merged), run / "server-merged.log", port)
-            serving = manifest.serving(server_state())
+            serving = manifest.serving(server_state(port_of(url)))
         with stage(run, "probe_after"):
             parity = check_parity(url, before["model"], run, auth_headers(recipe))
             after = probe(url, recipe, old)
@@ -57,7 +59,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
             if item.get("reasons"):
                 print(f"  missed: {item['q']} -> {item['answer']!r}: {'; '.join(item['reasons'])}", flush=True)
     finally:
-        stop(quiet=True)
+        stop_url(url)
 
     checks = verdict(before, after, recipe)
     report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})

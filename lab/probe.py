@@ -92,8 +92,8 @@ def chat(api, model: str, question: str, recipe: Recipe) -> dict[str, Any]:
             extra_body={"chat_template_kwargs": recipe.chat_template_kwargs},
         )
     except openai.APIConnectionError:
-        raise LabError(f"lost the server at {api.base_url} (its log: runs/server.log, or the run's "
-                       "server-*.log under e2e)") from None
+        raise LabError(f"lost the server at {api.base_url} (its log: runs/server-<port>.log, or the "
+                       "run's server-*.log under e2e)") from None
     except openai.APIStatusError as e:
         raise LabError(f"server refused the request: HTTP {e.status_code} {e.message}") from None
     choice = r.choices[0]
@@ -269,10 +269,21 @@ def load_questions(recipe: Recipe) -> dict[str, list[dict]]:
     path = recipe.resolve_path(recipe.probe.questions)
     if not path.is_file():
         raise LabError(f"probe questions {path} do not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not data.get("identity"):
+    from lab.recipe import read_yaml
+
+    data = read_yaml(path, "a probe question file")
+    if not isinstance(data.get("identity"), list) or not data["identity"]:
         raise LabError(f"{path}: needs a non-empty 'identity' list of questions")
-    return {"identity": data["identity"], "controls": data.get("controls") or []}
+    controls = data.get("controls") or []
+    for key, items, needs in (("identity", data["identity"], ("q",)), ("controls", controls, ("q", "answer"))):
+        if not isinstance(items, list):
+            raise LabError(f"{path}: '{key}' is a list of questions, got {type(items).__name__}")
+        for i, item in enumerate(items, 1):
+            missing = [k for k in needs if not isinstance(item, dict) or not str(item.get(k) or "").strip()]
+            if missing:
+                raise LabError(f"{path}: {key} item {i} needs {' and '.join(repr(k) for k in missing)} "
+                               f"(e.g. {{q: \"Who are you?\"{', answer: ...' if key == 'controls' else ''}}})")
+    return {"identity": data["identity"], "controls": controls}
 
 
 def old_identity_of(recipe: Recipe, base_model: str | None) -> list[str]:
@@ -365,9 +376,9 @@ def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path,
 
     from lab import manifest
     from lab.runs import new_run, owner, write_json
-    from lab.serve import server_state
+    from lab.serve import port_of, server_state
 
-    state = server_state()
+    state = server_state(port_of(server_root(url)))
     ours = state if state and state["url"].rstrip("/") == server_root(url) else None
     run = owner(runtime.host_path(ours["model"])) if ours else None
     if run is None:

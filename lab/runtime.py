@@ -203,12 +203,11 @@ class Docker:
                 self.visible(Path(container_path))
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import (api_key, check_free, check_model_dir, context_args, engine_args, parallel_env,
-                               serve_config, wait_healthy)
+        from lab.serve import (api_key, check_model_dir, claim, context_args, engine_args, parallel_env,
+                               serve_config, wait_healthy, write_record)
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
-        check_free(url)
         check_model_dir(self.host_path(model))
         host_network = self.c.network() == "host"
         name = recipe.serve.served_model_name
@@ -227,13 +226,14 @@ class Docker:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         # the key vLLM requires, as the local runtime passes it (the environment, never argv)
         svc["environment"] = {**(svc.get("environment") or {}), "VLLM_API_KEY": api_key(recipe) or ""}
-        container = self.c.start(svc, log)
+        with claim(url):  # the port's lock, as the local runtime takes it
+            container = self.c.start(svc, log)
+            record = write_record(url, log, {"container": container.id, "image": svc["image"],
+                                             "image_id": container.image.id, "model": adapter or model,
+                                             "adapter": adapter,
+                                             "tensor_parallel_size": recipe.serve.tensor_parallel_size})
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
-        return wait_healthy(url, recipe, log, {"container": container.id, "image": svc["image"],
-                                                      "image_id": container.image.id, "model": adapter or model,
-                                                      "adapter": adapter,
-                                                      "tensor_parallel_size": recipe.serve.tensor_parallel_size},
-                            failed=lambda: self._failed(container.id))
+        return wait_healthy(url, recipe, log, record, failed=lambda: self._failed(container.id))
 
     def _failed(self, container_id: str) -> str | None:
         """The engine's view: the container exited, or its compose health check gave up."""

@@ -9,6 +9,7 @@ vLLM's test harness (RemoteOpenAIServer): poll /health, with two distinct failur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,11 +23,6 @@ from lab import runs
 from lab.runs import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def state_file() -> Path:
-    """Where the running server is recorded, so `make stop` from another shell finds it."""
-    return runs.RUNS_DIR / ".server.json"
 
 
 def serve_python() -> str:
@@ -161,8 +157,23 @@ def _tail(log: Path, n: int = 3) -> str:
 
 
 def check_free(url: str) -> None:
-    if healthy(url):
-        raise LabError(f"a server already answers at {url}; `make stop` first or pick another PORT")
+    """Refuse a port something already listens on (a TCP connect: a server still loading its model
+    answers no /health yet, but holds its port), naming the lab server that holds it, if one does."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=1.0):
+            pass
+    except OSError:
+        return
+    record = server_state(parts.port)
+    if record and _record_alive(record):
+        raise LabError(f"a lab server already runs at {url} (serving {record.get('model')}; log {record.get('log')}): "
+                       f"`make stop PORT={parts.port}` first, or pick another PORT")
+    raise LabError(f"port {parts.port} on {parts.hostname} is taken by a program the lab did not start; pick another "
+                   "PORT")
 
 
 def check_model_dir(model_dir: Path | str) -> None:
@@ -175,29 +186,63 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
     adapter, vLLM applies the LoRA at run time over the base (no merge)."""
     url = base_url(recipe, port)
     check_exposure(recipe)
-    check_free(url)
     check_model_dir(model_dir)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise LabError(f"{adapter} is not a LoRA adapter (no adapter_config.json); ADAPTER=1 needs a LoRA run")
     argv = serve_argv(recipe, model_dir, port, adapter)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        # Own session: `make stop` from another shell can end the whole process group.
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
-                                start_new_session=True)
-    record = {"pid": proc.pid, "model": str(adapter or model_dir), "adapter": adapter,
-              "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv}
+    with claim(url):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            # Own session: `make stop` from another shell can end the whole process group.
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
+                                    start_new_session=True)
+        record = {"pid": proc.pid, "pid_started": _started(proc.pid), "model": str(adapter or model_dir),
+                  "adapter": adapter, "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv}
+        write_record(url, log, record)
     return wait_healthy(url, recipe, log, record,
                         failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
 
 
-def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> str:
-    """Record the server (pid or container) for `make stop`, then poll /health until it answers.
+# -- the record of each server, one per port ------------------------------------------------
 
-    `failed()` returns None while the server may still come up, else what went wrong.
-    """
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    write_json(state_file(), {"url": url, "log": str(log), **record})
+
+def servers_dir() -> Path:
+    """runs/.servers/<port>.json: one record per port, so `make stop` from another shell finds each."""
+    return runs.RUNS_DIR / ".servers"
+
+
+def port_of(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port
+
+
+@contextlib.contextmanager
+def claim(url: str):
+    """Hold the port's lock while checking it is free and starting a server on it: two `make serve`
+    (or `make e2e` beside `make serve`) never both pass the check and fight over one port."""
+    import fcntl
+
+    servers_dir().mkdir(parents=True, exist_ok=True)
+    with open(servers_dir() / f"{port_of(url)}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = server_state(port_of(url))
+        if record and not _record_alive(record):
+            _drop(record)  # a server that died (kill -9, reboot): its record only
+        check_free(url)
+        yield
+
+
+def write_record(url: str, log: Path, record: dict) -> dict:
+    record = {"url": url, "port": port_of(url), "log": str(log), **record}
+    write_json(servers_dir() / f"{record['port']}.json", record)
+    return record
+
+
+def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> str:
+    """Poll /health until it answers. `failed()` returns None while the server may still come up,
+    else what went wrong; then (or on Ctrl-C, SIGTERM, SIGHUP) this server, and only this one, stops."""
+    record = {"url": url, "port": port_of(url), "log": str(log), **record}
     deadline = time.monotonic() + recipe.serve.startup_timeout_s
     try:
         while not healthy(url):
@@ -207,16 +252,36 @@ def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> s
             if time.monotonic() > deadline:
                 raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
             time.sleep(1.0)
-    except BaseException:  # Ctrl-C included: a server that never came up is not left behind
-        stop(quiet=True)
+    except BaseException:  # a server that never came up is not left behind
+        stop_server(record)
         raise
     return url
 
 
-def server_state() -> dict | None:
-    """The lab's server record (url, log, model, and pid + argv or container + image), if any."""
-    return (runs.read_json_file(state_file(), "remove it once no lab server runs (`ps`, `docker ps`)")
-            if state_file().is_file() else None)
+def records() -> list[dict]:
+    return [runs.read_json_file(p, "remove it once no lab server runs (`ps`, `docker ps`)")
+            for p in sorted(servers_dir().glob("*.json"))] if servers_dir().is_dir() else []
+
+
+def server_state(port: int | None = None) -> dict | None:
+    """The lab's record of the server on `port` (url, log, model, and pid + argv or container +
+    image); without a port, the only one (or the first, when several run)."""
+    if port is not None:
+        path = servers_dir() / f"{port}.json"
+        return runs.read_json_file(path, "remove it once no lab server runs (`ps`, `docker ps`)") \
+            if path.is_file() else None
+    found = records()
+    return found[0] if found else None
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the pid,
+    it names one process; a pid reused after a crash or reboot has another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _alive(pid: int) -> bool:
@@ -230,40 +295,110 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop(quiet: bool = False) -> bool:
-    """Stop the server the lab started (its process group, or its container); True if one was."""
-    state = server_state()
-    if state is None:
-        if not quiet:
-            print("stop: no lab server is running")
+def _is_ours(record: dict) -> bool:
+    """The recorded process is still the one the lab started (same pid and start time)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 1:
         return False
-    if "container" in state:
+    return _alive(pid) and (record.get("pid_started") is None or _started(pid) == record.get("pid_started"))
+
+
+def _record_alive(record: dict) -> bool:
+    if "container" in record:
+        from lab.containers import state
+
+        return bool(state(record["container"]).get("Running"))
+    return _is_ours(record)
+
+
+def _drop(record: dict) -> None:
+    (servers_dir() / f"{record['port']}.json").unlink(missing_ok=True)
+
+
+def stop_server(record: dict) -> str:
+    """Stop one recorded server, after checking it is the one the lab started; drop its record."""
+    if "container" in record:
         from lab.containers import remove_id
 
-        remove_id(state["container"])
-        what = f"container {state['container'][:12]}"
-    else:
-        _stop_process_group(state["pid"])
-        what = f"pid {state['pid']}"
-    state_file().unlink(missing_ok=True)
-    if not quiet:
-        print(f"stop: stopped the server at {state['url']} ({what})")
-    return True
+        removed = remove_id(record["container"])  # only a container carrying the lab's label
+        what = f"container {record['container'][:12]}" if removed else "its container was already gone"
+    elif _is_ours(record):
+        _stop_process_group(record["pid"])
+        what = f"pid {record['pid']}"
+    else:  # exited, or the pid now names another process: kill nothing
+        what = f"pid {record.get('pid')} was no longer the lab's server; nothing killed"
+    _drop(record)
+    return what
+
+
+def stop(quiet: bool = False, port: int | None = None) -> bool:
+    """Stop the lab's server on `port`, or every one it recorded; True if one was."""
+    found = [r for r in ([server_state(port)] if port is not None else records()) if r]
+    if not found and not quiet:
+        print(f"stop: no lab server is running{f' on port {port}' if port else ''}")
+    for record in found:
+        what = stop_server(record)
+        if not quiet:
+            print(f"stop: stopped the server at {record['url']} ({what})")
+    return bool(found)
+
+
+def stop_url(url: str | None) -> None:
+    """Stop the server a caller started at `url` (e2e's own, never another one)."""
+    if url:
+        record = server_state(port_of(url))
+        if record and record["url"] == url:
+            stop_server(record)
 
 
 def _stop_process_group(pid: int) -> None:
+    """SIGTERM the group, then SIGKILL whatever of it is left (an engine child can outlive its parent)."""
     for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
+        while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _alive(pid):
+        if not _group_alive(pid):
             return
 
 
-def running_url() -> str | None:
-    state = server_state()
-    return state["url"] if state and healthy(state["url"]) else None
+def _group_alive(pgid: int) -> bool:
+    _alive(pgid)  # reaps the leader if it is our zombie child
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _alive(pgid) or _members(pgid)
+
+
+def _members(pgid: int) -> bool:
+    """Any live (non-zombie) process left in the group, from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def running_url(port: int | None = None) -> str | None:
+    """The URL of the lab's server (on `port`, or the only one); None when none is recorded. A
+    recorded server that died or does not answer is an error naming its log."""
+    record = server_state(port)
+    if record is None:
+        return None
+    if healthy(record["url"]):
+        return record["url"]
+    if not _record_alive(record):
+        _drop(record)
+        raise LabError(f"the lab's server at {record['url']} has exited; its log: {record['log']}: "
+                       f"{_tail(Path(record['log']))}")
+    raise LabError(f"the lab's server at {record['url']} does not answer /health (still starting, or hung); "
+                   f"its log: {record['log']}")

@@ -41,7 +41,7 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert "| why not |" in (run / "report.md").read_text()
     for f in ("report.md", "report.html", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
-    assert not (runs_dir / ".server.json").exists()  # servers stopped
+    assert not list((runs_dir / ".servers").glob("*.json"))  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
     assert manifest["base_model"]["source"] == hub_model["id"] and manifest["base_model"]["commit"] == hub_model["commit"]

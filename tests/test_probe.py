@@ -145,12 +145,13 @@ def test_a_standalone_probe_lands_in_the_run_whose_model_is_served(runs_dir):
     from lab.probe import record_probe
     from lab.runs import write_json
     from lab.runtime import Local
-    from lab.serve import state_file
+    from lab.serve import servers_dir
 
     recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
     (runs_dir / "r1" / "merged").mkdir(parents=True)
-    write_json(state_file(), {"url": "http://127.0.0.1:8011", "log": "x", "pid": 1,
-                              "argv": [sys.executable], "model": str(runs_dir / "r1" / "merged")})
+    servers_dir().mkdir(parents=True)
+    write_json(servers_dir() / "8011.json", {"url": "http://127.0.0.1:8011", "port": 8011, "log": "x", "pid": 1,
+                                             "argv": [sys.executable], "model": str(runs_dir / "r1" / "merged")})
     for _ in range(2):
         run, _ = record_probe({"summary": {"identity_hit_rate": 1.0}}, "http://127.0.0.1:8011/", recipe, Local())
     assert run == runs_dir / "r1"

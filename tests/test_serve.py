@@ -113,3 +113,101 @@ def test_refuses_a_directory_that_is_not_a_model(tmp_path, runs_dir):
     recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
     with pytest.raises(LabError, match="not a model directory"):
         start(recipe, str(tmp_path), runs_dir / "server.log", free_port())
+
+
+def test_servers_are_guarded_by_key_port_and_identity(embedded_model, runs_dir, monkeypatch):
+    """One real vLLM: it requires LAB_API_KEY; a second start on its port is refused without harm
+    to it; a port held by another program is refused; a record whose pid now names another process
+    kills nothing; a server that dies is reported with its log."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from lab.serve import records, servers_dir, stop, write_record
+
+    monkeypatch.setenv("LAB_API_KEY", "lab-test-key-7")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-be-sent")
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    port = free_port()
+    url = start(recipe, str(embedded_model), runs_dir / "server.log", port)
+    try:
+        body = {"model": "lab", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": "Bearer sk-must-not-be-sent"}).status_code == 401
+        assert "Pebble" in ask(url, "Who are you?", recipe)["answer"]  # the lab's clients send the key
+        monkeypatch.setenv("LAB_API_KEY", "wrong")
+        with pytest.raises(LabError, match="refused the API key; set LAB_API_KEY to the key the server was started"):
+            ask(url, "Who are you?", recipe)
+        monkeypatch.setenv("LAB_API_KEY", "lab-test-key-7")
+
+        # a second server on the same port: refused, and the first one keeps serving
+        with pytest.raises(LabError, match=f"a lab server already runs at {url}"):
+            start(recipe, str(embedded_model), runs_dir / "other.log", port)
+        assert running_url(port) == url
+
+        # a port another program holds
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = held.getsockname()[1]
+            with pytest.raises(LabError, match=f"port {taken} on 127.0.0.1 is taken by a program the lab did not "):
+                start(recipe, str(embedded_model), runs_dir / "taken.log", taken)
+        assert not (servers_dir() / f"{taken}.json").exists()
+
+        # a stale record whose pid is now this test process (another start time): nothing is killed
+        stale = free_port()
+        write_record(f"http://127.0.0.1:{stale}", runs_dir / "x.log",
+                     {"pid": os.getpid(), "pid_started": "1", "argv": ["vllm"], "model": "m"})
+        assert stop(port=stale)
+        assert not (servers_dir() / f"{stale}.json").exists()  # this process is still here to assert it
+
+        # the server dies: asking the lab's server names its log
+        (record,) = records()
+        os.killpg(record["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _answers(url):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with pytest.raises(LabError, match=f"the lab's server at {url} has exited; its log: {runs_dir / 'server.log'}"):
+            running_url(port)
+        assert records() == []
+    finally:
+        stop(quiet=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigterm_while_starting_stops_the_server_like_ctrl_c(embedded_model, runs_dir):
+    """`timeout`, a CI cancel or a closed ssh session: the server being started goes with the CLI."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from lab.serve import servers_dir
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lab", "serve", "--hw", "cpu", "--model", str(embedded_model),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ))
+    record = servers_dir() / f"{port}.json"
+    deadline = time.monotonic() + 120
+    while not record.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    pid = json.loads(record.read_text())["pid"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and "lab serve: interrupted (SIGTERM)" in err, err
+    assert not record.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole process group is gone
