@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -8,6 +8,9 @@ SET     ?=
 RUN     ?=
 MODEL   ?=
 PORT    ?=
+CONCURRENCY ?=
+REQUESTS ?=
+TIME_LIMIT ?=
 Q       ?= Who are you?
 BASE_URL ?=
 RESUME  ?=
@@ -54,7 +57,8 @@ endif
 # Every value a user gives reaches the lab through the environment as LAB_ARG_<NAME>, verbatim:
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
-ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK
+ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
+             CONCURRENCY REQUESTS TIME_LIMIT
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets
@@ -114,7 +118,10 @@ ask: setup  ## make ask Q="你是谁？"
 probe: setup  ## identity + control questions against the running server (or BASE_URL=...)
 	$(LAB) probe
 
-stop: setup  ## stop the server
+load: setup  ## burst of chat requests at the server: make load [CONCURRENCY=32 REQUESTS=256 TIME_LIMIT=300]
+	$(LAB) load
+
+stop: setup  ## stop the server (PORT=: only that one)
 	$(LAB) stop
 
 e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the identity changed

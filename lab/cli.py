@@ -277,6 +277,24 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_load(args) -> int:
+    from lab.load import load
+
+    recipe = _recipe(args)
+    url = _url(args, recipe)
+    print(f"load: {args.requests} requests, {args.concurrency} at a time, at most {args.time_limit:g} s, "
+          f"against {url}", flush=True)
+    r = load(url, recipe, args.concurrency, args.requests, args.time_limit)
+    kinds = f" {r['error_kinds']}" if r["errors"] else ""
+    print(f"load: {r['completed']} completed, {r['errors']} errors{kinds}, {r['not_sent']} not sent in the time "
+          f"limit; {r['wall_s']} s")
+    print(f"load: latency p50 {r['latency_p50_s']} s, p99 {r['latency_p99_s']} s; streamed first token p50 "
+          f"{r['ttft_p50_s']} s, p99 {r['ttft_p99_s']} s; {r['tokens_per_s']} generated tokens/s, "
+          f"{r['requests_per_s']} requests/s")
+    print(f"load: {r['file']}")
+    return 0 if r["errors"] == 0 else 1
+
+
 def cmd_e2e(args) -> int:
     from lab.e2e import e2e
 
@@ -418,6 +436,8 @@ COMMANDS = {
     "stop": (cmd_stop, "stop the server `serve` started"),
     "ask": (cmd_ask, "ask the served model one question"),
     "probe": (cmd_probe, "identity and control questions against a server"),
+    "load": (cmd_load, "a bounded burst of concurrent chat requests (streamed and not): errors, p50/p99 latency, "
+                      "tokens/s"),
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
     "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
     "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks"),
@@ -437,7 +457,7 @@ def make_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        if name in ("train", "serve", "ask", "probe", "e2e", "resolve"):
+        if name in ("train", "serve", "ask", "probe", "e2e", "resolve", "load"):
             p.add_argument("--recipe", default=arg_env("RECIPE"), help=f"recipe name under recipes/ or a path "
                                                                         f"(default: {DEFAULT_RECIPE})")
             p.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
@@ -448,9 +468,9 @@ def make_parser() -> argparse.ArgumentParser:
         if name in ("train", "merge", "serve", "probe", "e2e", "reproduce"):
             p.add_argument("--runtime", default=arg_env("RUNTIME"), help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
                                                            "docker when an engine answers)")
-        if name in ("serve", "ask", "probe", "e2e", "stop"):
+        if name in ("serve", "ask", "probe", "e2e", "stop", "load"):
             p.add_argument("--port", default=arg_env("PORT"), help="server port (default: the recipe's serve.port)")
-        if name in ("ask", "probe"):
+        if name in ("ask", "probe", "load"):
             p.add_argument("--base-url", default=arg_env("BASE_URL"), help="any OpenAI-compatible server (default: the lab's)")
     sub.choices["fixture"].add_argument("--force", action="store_true", help="rebuild even if cached")
     sub.choices["train"].add_argument("--gpus", type=int, default=arg_env("GPUS", 1), help="processes, one per device, through "
@@ -488,6 +508,10 @@ def make_parser() -> argparse.ArgumentParser:
     images.add_argument("--no-cache", action="store_true", help="rebuild every layer")
     images.add_argument("--wheels", default=arg_env("WHEELS"), help="a directory of wheels pip may use in the build (offline hosts)")
     images.add_argument("--ca-bundle", default=arg_env("CA_BUNDLE"), help="extra CA certificates (PEM) for TLS-intercepting proxies")
+    load_p = sub.choices["load"]
+    load_p.add_argument("--concurrency", type=int, default=arg_env("CONCURRENCY", 32), help="requests in flight")
+    load_p.add_argument("--requests", type=int, default=arg_env("REQUESTS", 256), help="requests in all")
+    load_p.add_argument("--time-limit", type=float, default=arg_env("TIME_LIMIT", 300), help="seconds at most")
     sub.choices["probe"].add_argument("--out", default=None, help="also write the full result as JSON here")
     return parser
 

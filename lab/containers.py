@@ -36,7 +36,7 @@ def runs_label() -> str:
 # so the file and the runtime cannot drift apart silently.
 MAPPED_KEYS = {"profiles", "image", "build", "entrypoint", "command", "user", "environment", "env_file",
                "volumes", "ports", "healthcheck", "devices", "group_add", "security_opt", "ipc", "shm_size",
-               "deploy"}
+               "deploy", "cap_drop", "cap_add", "read_only", "tmpfs", "pids_limit"}
 
 _VAR = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
                   r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
@@ -199,6 +199,16 @@ def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None 
         kw["ipc_mode"] = svc["ipc"]
     if svc.get("shm_size"):
         kw["shm_size"] = str(svc["shm_size"])
+    for key in ("cap_drop", "cap_add"):
+        if svc.get(key):
+            kw[key] = list(svc[key])
+    if svc.get("read_only"):
+        kw["read_only"] = bool(svc["read_only"])
+    if svc.get("tmpfs"):  # compose: a path or a list of "path[:options]"
+        kw["tmpfs"] = dict(t.partition(":")[::2] for t in
+                           ([svc["tmpfs"]] if isinstance(svc["tmpfs"], str) else svc["tmpfs"]))
+    if svc.get("pids_limit"):
+        kw["pids_limit"] = int(svc["pids_limit"])
     gpus = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
     if gpus:
         kw["device_requests"] = [

@@ -22,6 +22,19 @@ RUNTIMES = ("auto", "local", "docker")
 CONTAINER_UID = 1000  # the images' default user (docker/*.Dockerfile, LAB_UID)
 
 
+def container_user() -> tuple[int, int]:
+    """Who the containers run as, and who owns what they write: the caller; as root (containers
+    never run as root), the user LAB_UID/LAB_GID name. Root is not guessed for: handing runs/ and
+    the caches to uid 1000 gives them to whoever that is on a shared host."""
+    if os.getuid() != 0:
+        return os.getuid(), os.getgid()
+    uid, gid = os.environ.get("LAB_UID", ""), os.environ.get("LAB_GID", "") or os.environ.get("LAB_UID", "")
+    if not (uid.isdigit() and gid.isdigit()) or uid == "0":
+        raise LabError("RUNTIME=docker as root: set LAB_UID (and LAB_GID) to the non-root user the containers run "
+                       "as and who will own runs/ and the caches, e.g. LAB_UID=$(id -u alice) LAB_GID=$(id -g alice)")
+    return int(uid), int(gid)
+
+
 class Local:
     name = "local"
 
@@ -91,9 +104,7 @@ class Docker:
             self.mount_inputs(recipe)
 
     def env(self, **extra: str) -> dict[str, str]:
-        uid, gid = os.getuid(), os.getgid()
-        if uid == 0:  # root on the host: containers still run as the image's non-root user
-            uid = gid = CONTAINER_UID
+        uid, gid = container_user()
         env = {"LAB_RUNS_DIR": str(runs.RUNS_DIR.resolve()), "LAB_CACHE_DIR": str(self.cache_dir),
                "LAB_HF_HOME": str(self.hf_home), "LAB_UID": str(uid), "LAB_GID": str(gid)}
         if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
@@ -148,7 +159,7 @@ class Docker:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
             if os.getuid() == 0:
-                os.chown(d, CONTAINER_UID, CONTAINER_UID)
+                os.chown(d, *container_user())
 
     def lab(self, *argv: str, log: Path) -> None:
         """`python -m lab ARGV` in the training container."""

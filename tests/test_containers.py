@@ -64,12 +64,21 @@ def test_lab_reads_compose_as_docker_compose_does(hw, tmp_path):
         assert ours.get("group_add", []) == their.get("group_add", [])
         assert ours.get("security_opt", []) == their.get("security_opt", [])
         assert ours.get("ipc_mode") == their.get("ipc")
+        assert ours.get("cap_drop") == their.get("cap_drop") == ["ALL"]
+        assert "no-new-privileges:true" in ours["security_opt"]
+        assert str(ours.get("shm_size", "")) == str(their.get("shm_size", "")) or \
+            int(their.get("shm_size", 0)) == _bytes(ours.get("shm_size", "0"))
         assert ours.get("healthcheck", {}).get("test") == their.get("healthcheck", {}).get("test")
         assert ours.get("ports", {}) == {f"{p['target']}/tcp": (p["host_ip"], int(p["published"]))
                                          for p in their.get("ports", [])}
         spec = containers.service(name, env)["build"]
         assert {k: str(v) for k, v in spec["args"].items()} == their["build"]["args"]
         assert spec["dockerfile"] == their["build"]["dockerfile"]
+
+
+def _bytes(size: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    return int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
 
 
 def test_hardware_specific_settings():
@@ -79,10 +88,14 @@ def test_hardware_specific_settings():
         (gpu,) = cuda["device_requests"]
         assert gpu["Driver"] == "nvidia" and gpu["Count"] == -1 and gpu["Capabilities"] == [["gpu"]]
         assert rocm["devices"] == ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"]
-        assert rocm["group_add"][0] == "video" and rocm["security_opt"] == ["seccomp=unconfined"]
-        assert rocm["ipc_mode"] == "host"
-        for key in ("device_requests", "devices", "group_add", "security_opt"):
+        assert rocm["group_add"][0] == "video"
+        assert rocm["security_opt"] == ["no-new-privileges:true", "seccomp=unconfined"]
+        assert rocm["ipc_mode"] == "host"  # AMD's documented setting; CUDA uses shm_size instead
+        assert "ipc_mode" not in cuda and cuda["shm_size"] == "16g"
+        for key in ("device_requests", "devices", "group_add"):
             assert key not in cpu
+        for svc in (cuda, rocm, cpu):
+            assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
     assert kw["train-rocm"]["environment"]["TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"] == "1"
     assert kw["serve-rocm"]["environment"]["VLLM_ROCM_USE_AITER"] == "0"
     assert kw["serve-cpu"]["shm_size"] == "1g"

