@@ -373,9 +373,11 @@ def tail(container, n: int = 5) -> str:
     return " | ".join(lines[-n:])[-600:]
 
 
-def run(svc: dict, command: list[str], log: Path) -> int:
-    """Run one command in a fresh container of the service, echoing its output; always removed."""
+def run(svc: dict, command: list[str], log: Path, labels: dict[str, str] | None = None) -> int:
+    """Run one command in a fresh container of the service, echoing its output; always removed
+    (Ctrl-C, SIGTERM and SIGHUP included; after a kill -9 of the lab, `labels` find it again)."""
     kw = run_kwargs(svc, command, run_network())
+    kw["labels"].update(labels or {})
     # what the run's manifest records as "container": the image and its exact id
     kw["environment"].update(LAB_IMAGE=svc["image"], LAB_IMAGE_ID=client().images.get(svc["image"]).id)
     container = client().containers.create(**kw)
@@ -443,6 +445,7 @@ def remove_id(container_id: str, timeout: int = 30) -> bool:
     return True
 
 
-def lab_containers() -> list:
+def lab_containers(**labels: str) -> list:
     """The running containers this lab checkout started (found by label after a crash or kill -9)."""
-    return client().containers.list(filters={"label": [f"{RUNS_LABEL}={runs_label()}"]})
+    wanted = [f"{RUNS_LABEL}={runs_label()}", *(f"{k}={v}" for k, v in labels.items())]
+    return client().containers.list(filters={"label": wanted})

@@ -9,6 +9,7 @@ copied wholesale, so tokens and API keys cannot end up here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,24 +29,43 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 NOT_WEIGHTS = {"training_args.bin"}  # transformers' pickled arguments (holds paths), not weights
 
 
+@contextlib.contextmanager
+def _locked(run: Path):
+    """One writer at a time (a `make probe` beside a `make train` of the same run loses no update)."""
+    import fcntl
+
+    with open(run / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _read(path: Path, run: Path) -> dict:
+    return read_json_file(path, "restore it, or move it aside to start the record again") if path.is_file() \
+        else {"schema": 1, "run": run.name}
+
+
 def update(run: Path, **sections) -> dict:
     path = run / "manifest.json"
-    data = read_json_file(path, "restore it, or move it aside to start the record again") if path.is_file() \
-        else {"schema": 1, "run": run.name}
-    data.update(sections)
-    timings = run / "timings.json"
-    if timings.is_file():
-        data["timings_s"] = json.loads(timings.read_text(encoding="utf-8"))
-    data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(path, data)
+    with _locked(run):
+        data = _read(path, run)
+        data.update(sections)
+        timings = run / "timings.json"
+        if timings.is_file():
+            data["timings_s"] = json.loads(timings.read_text(encoding="utf-8"))
+        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(path, data)
     return data
 
 
 def append(run: Path, key: str, item: dict) -> dict:
-    """Add one entry to a list section (standalone probes accumulate)."""
+    """Add one entry to a list section (standalone probes accumulate), read and written under one lock."""
     path = run / "manifest.json"
-    current = json.loads(path.read_text(encoding="utf-8")).get(key, []) if path.is_file() else []
-    return update(run, **{key: [*current, item]})
+    with _locked(run):
+        data = _read(path, run)
+        data[key] = [*data.get(key, []), item]
+        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(path, data)
+    return data
 
 
 def relative_to_lab(path: str) -> str:

@@ -19,7 +19,7 @@ from lab.errors import LabError
 from lab.recipe import EMBEDDED, Recipe
 
 RUNTIMES = ("auto", "local", "docker")
-CONTAINER_UID = 1000  # the images' default user (docker/*.Dockerfile, LAB_UID)
+RUN_LABEL = "org.lab.run"  # on training containers: the run they write (RESUME=1 refuses while one lives)
 
 
 def container_user() -> tuple[int, int]:
@@ -161,14 +161,19 @@ class Docker:
             if os.getuid() == 0:
                 os.chown(d, *container_user())
 
-    def lab(self, *argv: str, log: Path) -> None:
-        """`python -m lab ARGV` in the training container."""
+    def lab(self, *argv: str, log: Path, run: Path | None = None) -> None:
+        """`python -m lab ARGV` in the training container (labelled with the run it works on)."""
         self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab")
         if not self.hf_home.exists():  # a new HF cache for downloads; an existing one keeps its owner
             self._writable(self.hf_home)
         svc = self.service("train")
+        if run is not None:
+            alive = self.c.lab_containers(**{RUN_LABEL: str(run.resolve())})
+            if alive:  # its lab command was killed (kill -9), the container was not
+                raise LabError(f"a container still works on {run.name} ({alive[0].short_id}, left by an interrupted "
+                               f"lab command); `docker rm -f {alive[0].short_id}` before running it again")
         print(f"docker: {svc['image']}: lab {' '.join(argv)}", flush=True)
-        code = self.c.run(svc, list(argv), log)
+        code = self.c.run(svc, list(argv), log, labels={RUN_LABEL: str(run.resolve())} if run else None)
         if code != 0:
             raise LabError(f"`lab {argv[0]}` in the {svc['image']} container exited with {code} (log: {log})")
 
@@ -192,7 +197,7 @@ class Docker:
         self._writable(run)
         self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
                  *(["--resume"] if resume else []), *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 else []),
-                 log=run / "train.log")
+                 log=run / "train.log", run=run)
 
     def merge(self, run: Path) -> Path:
         from lab.recipe import load_saved
@@ -203,7 +208,7 @@ class Docker:
         base = runs.read_json(run / "train.json", "make train")["base_model"]
         for path in (base, str(saved.resolve_path(saved.probe.questions))):
             self._bind_if_user_file(path)
-        self.lab("merge", "--run", self.c.to_container(self.spec("train"), run), log=run / "merge.log")
+        self.lab("merge", "--run", self.c.to_container(self.spec("train"), run), log=run / "merge.log", run=run)
         return run / "merged"
 
     def _bind_if_user_file(self, container_path: str) -> None:

@@ -161,6 +161,11 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     checkpoints = run / "checkpoints"
     resume_from = None
     if resume:
+        from lab.recipe import load_saved
+
+        if load_saved(run).sha256() != recipe.sha256():
+            raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with ({run / 'recipe.yaml'}); "
+                           "this one differs: start a new run")
         check_same_data(sources, run)
         resume_from = last_complete_checkpoint(checkpoints, remove_partial=main)  # every rank: the same one
         if resume_from is None:

@@ -74,3 +74,89 @@ def test_doctor_reports_what_this_host_has():
     assert seen["free_memory_gib"] > 0 and seen["amd_host"] is None  # no /dev/kfd here
     r = run_lab("doctor", "--hw", "tpu", timeout=60)
     assert r.returncode == 2 and "HW='tpu'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_make_passes_values_verbatim_without_a_shell(tmp_path):
+    """Q, SET, MODEL, RUN, BASE_URL reach the lab as typed: no command substitution, backticks,
+    $-expansion (by make or a shell), and no splitting at spaces or quotes."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    marker = tmp_path / "injected"
+    values = {"Q": f"$(touch {marker}) `touch {marker}` costs $100 \"quoted\" it's; echo INJECTED",
+              "SET": "identity.name=Bob$$HOME identity.author='O Brien'", "MODEL": "/data/my model",
+              "RUN": "run with space", "BASE_URL": "http://h:1/v1?a=$(id)"}
+    dump = (f"{sys.executable} -c \"import json, os; print(json.dumps({{k[8:]: v for k, v in os.environ.items() "
+            f"if k.startswith('LAB_ARG_')}}))\"")
+    r = subprocess.run(["make", "--no-print-directory", "-s", "ask", f"LAB={dump}",
+                        *(f"{k}={v}" for k, v in values.items())], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: seen[k] for k in values} == values
+    assert not marker.exists() and "INJECTED" not in r.stdout.splitlines()  # no `echo INJECTED` ran
+
+
+def test_the_cli_reads_its_arguments_from_lab_arg_variables(monkeypatch):
+    from lab.cli import make_parser
+
+    monkeypatch.setenv("LAB_ARG_Q", "你是谁？ $(id)")
+    monkeypatch.setenv("LAB_ARG_SET", "identity.name=Orion")
+    monkeypatch.setenv("LAB_ARG_PORT", "8011")
+    monkeypatch.setenv("LAB_ARG_RESUME", "1")
+    args = make_parser().parse_args(["ask"])
+    assert (args.question, args.set, args.port) == ("你是谁？ $(id)", "identity.name=Orion", "8011")
+    assert make_parser().parse_args(["train"]).resume is True
+    assert make_parser().parse_args(["ask", "typed wins"]).question == "typed wins"
+
+
+def test_set_keeps_text_fields_as_text():
+    """YAML would read No, 007, Null or "a: b" as a bool, int, None or mapping; a name is text."""
+    from lab.recipe import load_recipe
+
+    for name in ("No", "007", "Null", "Orion: the Great", "1e3", "[x]"):
+        r = load_recipe("identity-lora", [f"identity.name={name}", f"identity.author={name}"], hw="cpu",
+                        check_train=False)
+        assert r.identity.name == name and r.identity.author == name
+    assert load_recipe("identity-lora", ["train.learning_rate=1e-4"], hw="cpu", check_train=False) \
+        .train["learning_rate"] == 1e-4
+
+
+def test_lab_debug_adds_the_traceback(runs_dir):
+    r = run_lab("train", "--hw", "cpu", "--set", "identity.author=O'Brien", env={"LAB_DEBUG": "1"}, timeout=120)
+    assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("lab train: error: SET=")
+
+
+def test_a_bug_is_one_line_and_exit_70(monkeypatch, capsys):
+    from lab import cli
+
+    def broken(args):
+        return {}["no such key"]
+
+    monkeypatch.setitem(cli.COMMANDS, "stop", (broken, "x"))
+    monkeypatch.delenv("LAB_DEBUG", raising=False)
+    assert cli.main(["stop"]) == 70
+    assert capsys.readouterr().err == ("lab stop: error: unexpected KeyError: 'no such key' (a bug in the lab; "
+                                       "LAB_DEBUG=1 shows the traceback)\n")
+
+
+def test_a_full_disk_or_a_locked_file_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lab import cli
+
+    for err, expected in ((OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt")),
+                           f"{tmp_path / 'ckpt'}: no space left on the device; free some (earlier checkpoints and "
+                           "results are kept)"),
+                          (PermissionError(errno.EACCES, "Permission denied", "/runs/x"),
+                           "/runs/x: permission denied; check who owns it (`ls -ld`), or choose another path")):
+        def fail(args, err=err):
+            raise err
+
+        monkeypatch.setitem(cli.COMMANDS, "stop", (fail, "x"))
+        assert cli.main(["stop"]) == 2
+        assert capsys.readouterr().err == f"lab stop: error: {expected}\n"

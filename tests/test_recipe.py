@@ -98,3 +98,20 @@ def test_parse_overrides_reads_yaml_values():
 def test_sha256_changes_with_content():
     a, b = load_recipe("identity-lora", hw="cpu"), load_recipe("identity-lora", ["identity.name=Orion"], hw="cpu")
     assert a.sha256() != b.sha256() and a.sha256() == load_recipe("identity-lora", hw="cpu").sha256()
+
+
+def test_guarded_train_keys_pass_only_when_the_recipe_allows_them(tmp_path):
+    from lab.errors import LabError
+    from lab.recipe import RECIPES_DIR, load_recipe
+
+    text = (RECIPES_DIR / "identity-lora.yaml").read_text().replace("path: data/", f"path: {RECIPES_DIR}/data/")
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "allow: [trust_remote_code, push_to_hub]\n")
+    r = load_recipe(str(path), ["train.trust_remote_code=true", "train.push_to_hub=true",
+                                "train.hub_model_id=me/x"], hw="cpu")
+    assert r.train["trust_remote_code"] is True and r.allow == ["trust_remote_code", "push_to_hub"]
+    with pytest.raises(LabError, match="report_to sends metrics to an outside service"):
+        load_recipe(str(path), ["train.report_to=wandb"], hw="cpu")
+    with pytest.raises(LabError, match="hub_token is a credential"):  # never allowed: it would be copied
+        load_recipe(str(path), ["train.hub_token=hf_x"], hw="cpu")
+    assert load_recipe(str(path), ["train.report_to=none"], hw="cpu").train["report_to"] == "none"

@@ -220,3 +220,28 @@ def test_sigterm_while_starting_stops_the_server_like_ctrl_c(embedded_model, run
     assert not record.exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the whole process group is gone
+
+
+def test_a_server_that_never_becomes_healthy_is_stopped_in_bounded_time(embedded_model, runs_dir):
+    import time
+
+    from lab.serve import records
+
+    recipe = load_recipe("identity-lora", ["serve.startup_timeout_s=2"], hw="cpu", check_train=False)
+    log, port = runs_dir / "slow.log", free_port()
+    started = time.monotonic()
+    with pytest.raises(LabError, match=f"Server failed to start in time \\(2 s\\); see {log}"):
+        start(recipe, str(embedded_model), log, port)
+    assert time.monotonic() - started < 60 and records() == []
+    assert not _processes_with(f"--port\0{port}\0".encode())  # vLLM and its engine are gone
+
+
+def _processes_with(needle: bytes) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                found.append(cmdline.parent.name)
+        except OSError:  # gone meanwhile
+            continue
+    return found

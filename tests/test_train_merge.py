@@ -14,7 +14,7 @@ from lab.runs import new_run
 from lab.train import train
 
 pytestmark = pytest.mark.slow
-SECRETS = ("hf_labtestsecret123", "sk-labtestsecret456")
+SECRETS = ("hf_labtestsecret123", "sk-labtestsecret456", "lab-key-secret789")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def trained_run(tmp_path_factory, embedded_model):
 
     old = runs.RUNS_DIR
     runs.RUNS_DIR = tmp_path_factory.mktemp("runs")
-    os.environ.update(HF_TOKEN=SECRETS[0], OPENAI_API_KEY=SECRETS[1])  # must never reach a file
+    os.environ.update(HF_TOKEN=SECRETS[0], OPENAI_API_KEY=SECRETS[1], LAB_API_KEY=SECRETS[2])  # never in a file
     try:
         recipe = load_recipe("identity-lora", ["train.num_train_epochs=1", "train.save_strategy=steps",
                                                "train.save_steps=4"], hw="cpu")
@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory, embedded_model):
         yield run
     finally:
         runs.RUNS_DIR = old
-        for key in ("HF_TOKEN", "OPENAI_API_KEY"):
+        for key in ("HF_TOKEN", "OPENAI_API_KEY", "LAB_API_KEY"):
             os.environ.pop(key, None)
 
 
@@ -100,9 +100,11 @@ def test_resume_continues_from_the_checkpoint(trained_run):
 
     recipe = load_saved(trained_run)
     steps = json.loads((trained_run / "train.json").read_text())["global_steps"]
-    recipe.train["num_train_epochs"] = 2
-    train(recipe, trained_run, resume=True)
-    assert json.loads((trained_run / "train.json").read_text())["global_steps"] == 2 * steps
+    longer = recipe.model_copy(update={"train": {**recipe.train, "num_train_epochs": 2}})
+    with pytest.raises(LabError, match="RESUME=1 continues .* with the recipe it started with"):
+        train(longer, trained_run, resume=True)  # another recipe: refused (tests/test_faults.py: kill -9)
+    train(recipe, trained_run, resume=True)  # from its last checkpoint, the run's end: nothing left to do
+    assert json.loads((trained_run / "train.json").read_text())["global_steps"] == steps
 
 
 def test_manifest_records_what_a_rerun_needs_and_no_secrets(trained_run, embedded_model):
