@@ -131,9 +131,10 @@ def _same_recipe(args, run: Path, saved) -> None:
     if given.sha256() == saved.sha256():
         return
     a, b = (flatten(r.model_dump(mode="json", exclude={"source"})) for r in (saved, given))
-    key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
-    raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with, and RECIPE/SET differ from it "
-                   f"({key}: {a.get(key)!r} -> {b.get(key)!r}); drop them, or start a new run")
+    key = next((k for k in sorted(a.keys() | b.keys()) if json.dumps(a.get(k)) != json.dumps(b.get(k))), None)
+    what = f" ({key}: {a.get(key)!r} -> {b.get(key)!r})" if key else ""
+    raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with, and RECIPE/SET differ from it"
+                   f"{what}; drop them, or start a new run")
 
 
 def cmd_merge(args) -> int:
@@ -156,10 +157,11 @@ def cmd_resolve(args) -> int:
     from lab.models import resolve
 
     if args.model:
-        model = resolve(args.model, args.revision)
+        model = resolve(args.model, args.revision, args.allow_pickle)
     else:
         recipe = _recipe(args)
-        model = resolve(recipe.model.path, args.revision or recipe.model.revision)
+        model = resolve(recipe.model.path, args.revision or recipe.model.revision,
+                        args.allow_pickle or recipe.model.allow_pickle)
     if args.out:
         from lab.runs import write_json
 
@@ -286,8 +288,8 @@ def cmd_load(args) -> int:
           f"against {url}", flush=True)
     r = load(url, recipe, args.concurrency, args.requests, args.time_limit)
     kinds = f" {r['error_kinds']}" if r["errors"] else ""
-    print(f"load: {r['completed']} completed, {r['errors']} errors{kinds}, {r['not_sent']} not sent in the time "
-          f"limit; {r['wall_s']} s")
+    print(f"load: {r['completed']} completed, {r['errors']} errors{kinds}, {r['cut_off']} cut off and "
+          f"{r['not_sent']} not sent at the time limit; {r['wall_s']} s")
     print(f"load: latency p50 {r['latency_p50_s']} s, p99 {r['latency_p99_s']} s; streamed first token p50 "
           f"{r['ttft_p50_s']} s, p99 {r['ttft_p99_s']} s; {r['tokens_per_s']} generated tokens/s, "
           f"{r['requests_per_s']} requests/s")
@@ -502,6 +504,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.choices["resolve"].add_argument("--model", default=None, help="embedded, a model directory or a hub id "
                                                                       "(default: the recipe's model.path)")
     sub.choices["resolve"].add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
+    sub.choices["resolve"].add_argument("--allow-pickle", action="store_true", help="accept *.bin/*.pt weights "
+                                                                                   "(model.allow_pickle)")
     images = sub.choices["images"]
     images.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
     images.add_argument("--role", default="all", choices=("all", "train", "serve"))
@@ -531,7 +535,8 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup make train &` asked to ignore SIGHUP
+            signal.signal(sig, _interrupt)
     try:
         return args.func(args)
     except KeyboardInterrupt as e:

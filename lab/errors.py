@@ -48,8 +48,10 @@ def explain(e: BaseException) -> tuple[str, int]:
     if kind == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
         return (f"the GPU ran out of memory ({_first_line(e)}); lower train.per_device_train_batch_size or "
                 "train.max_length, or use gradient_checkpointing"), 2
+    if isinstance(e, TimeoutError):
+        return f"timed out ({_first_line(e)}); is the server or the Docker engine overloaded?", 2
     module = type(e).__module__.split(".")[0]
-    if module == "docker":  # docker.errors.APIError and friends: the engine said no
+    if module in ("docker", "requests"):  # the Docker SDK speaks to the engine through requests  # docker.errors.APIError and friends: the engine said no
         detail = getattr(e, "explanation", None) or _first_line(e)
         return f"the Docker engine refused: {str(detail).strip().splitlines()[0][:300]}", 2
     if module in ("httpx", "openai"):

@@ -46,8 +46,10 @@ def launch(train_argv: list[str], processes: int, dist: str, log: Path) -> None:
     print(f"train: {processes} processes through accelerate ({config.name}); log: {log}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
+        # the ranks get their arguments from argv alone: make's LAB_ARG_GPUS would make each launch again
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "LAB_DIST": config.name})
+                                env={**env, "LAB_DIST": config.name})
         for line in proc.stdout:
             out.write(line)
             sys.stdout.write(line)

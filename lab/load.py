@@ -45,12 +45,12 @@ async def _one(client, url: str, body: dict, stream: bool) -> dict[str, Any]:
                 if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content") and first is None:
                     first = time.perf_counter() - started
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    tokens = chunk["usage"].get("completion_tokens", 0)
     else:
         r = await client.post(url, json=body)
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}", "stream": False}
-        tokens = r.json()["usage"]["completion_tokens"]
+        tokens = (r.json().get("usage") or {}).get("completion_tokens", 0)
     return {"latency_s": time.perf_counter() - started, "ttft_s": first, "tokens": tokens, "stream": stream}
 
 
@@ -76,7 +76,9 @@ async def _burst(url: str, model: str, questions: list[str], recipe: Recipe, hea
                     left = max(0.1, deadline - time.monotonic())
                     results.append(await asyncio.wait_for(_one(client, f"{url}/v1/chat/completions", body,
                                                                 stream=i % 2 == 1), left))
-                except (httpx.HTTPError, asyncio.TimeoutError, ValueError, KeyError) as e:
+                except asyncio.TimeoutError:  # still in flight at TIME_LIMIT: cut off, not failed
+                    results.append({"cut_off": True, "stream": i % 2 == 1})
+                except (httpx.HTTPError, httpx.StreamError, ValueError, KeyError, TypeError) as e:
                     results.append({"error": type(e).__name__, "stream": i % 2 == 1})
 
         started = time.perf_counter()
@@ -99,7 +101,7 @@ def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time
     questions = [q["q"] for q in probe["identity"] + probe["controls"]]
     results, wall = asyncio.run(_burst(url, model, questions, recipe, auth_headers(recipe), concurrency, total,
                                        time_limit_s))
-    done = [r for r in results if "error" not in r]
+    done = [r for r in results if "error" not in r and "cut_off" not in r]
     errors: dict[str, int] = {}
     for r in results:
         if "error" in r:
@@ -110,7 +112,7 @@ def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time
     report = {
         "url": url, "model": model, "concurrency": concurrency, "requests": total, "time_limit_s": time_limit_s,
         "sent": len(results), "completed": len(done), "errors": sum(errors.values()), "error_kinds": errors,
-        "not_sent": total - len(results), "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
+        "cut_off": sum("cut_off" in r for r in results), "not_sent": total - len(results), "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
         "latency_p50_s": _percentile(latencies, 50), "latency_p99_s": _percentile(latencies, 99),
         "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,

@@ -208,21 +208,25 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise LabError(f"override {item!r} is not key.sub=value (e.g. identity.name=Orion)")
         keys = key.strip().split(".")
-        parsed.append((keys, raw if _text_field(keys) else _yaml_value(raw)))
+        value = _yaml_value(raw)
+        text = _text_field(keys)
+        if text is str or (text is not None and value is not None):  # an optional text field may be null
+            value = raw
+        parsed.append((keys, value))
     return parsed
 
 
-def _text_field(keys: list[str]) -> bool:
-    """Whether the schema types this key as plain text (str or str | None)."""
+def _text_field(keys: list[str]) -> Any:
+    """The annotation when the schema types this key as text (str, or str | None), else None."""
     model: Any = Recipe
     for i, key in enumerate(keys):
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
-            return False
+            return None
         if i == len(keys) - 1:
-            return field.annotation in (str, str | None)
+            return field.annotation if field.annotation in (str, str | None) else None
         model = field.annotation
-    return False
+    return None
 
 
 def _set_path(tree: dict, keys: list[str], value: Any, dotted: str) -> None:
@@ -291,16 +295,20 @@ GUARDED_TRAIN_KEYS = {"trust_remote_code": "runs the model repository's own Pyth
                       "push_to_hub": "uploads the model (trained on your data) to the Hub",
                       "report_to": "sends metrics to an outside service"}
 # Credentials never belong in a recipe: it is copied into runs/, manifests and reports.
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key|access_key)$", re.IGNORECASE)
+# (eos_token, pad_token, bos_token are token strings of the model, not credentials)
+SECRET_KEY = re.compile(r"^(token|secret|password|passwd)$|(^|_)(hub_token|access_token|auth_token|api_?key|"
+                        r"access_key|secret|password)$", re.IGNORECASE)
+LOCAL_REPORTERS = {"none", "tensorboard"}  # report_to values that write only into the run directory
 
 
 def _guarded(key: str, value: Any) -> str | None:
-    if key.startswith("hub_") or key.startswith("push_to_hub"):
-        return "push_to_hub" if value not in (None, False, "", []) else None
+    """Which allowance a train key with this value needs, if any. hub_model_id, hub_strategy, ...
+    only say how to upload; push_to_hub is what uploads."""
     if key == "report_to":
-        return None if value in ("none", None, [], ["none"]) else "report_to"
+        values = value if isinstance(value, list) else [value]
+        return None if all(v in LOCAL_REPORTERS or v is None for v in values) else "report_to"
     if key in GUARDED_TRAIN_KEYS:
-        return key if value not in (None, False) else None
+        return key if value not in (None, False, "", "false") else None
     return None
 
 

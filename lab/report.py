@@ -40,7 +40,7 @@ def plot_loss(series: dict[str, list], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]()!#~])")
+_MARKDOWN = re.compile(r"([\\`*_\[\]()!#])")
 
 
 def _cell(text: str) -> str:

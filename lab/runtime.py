@@ -45,7 +45,8 @@ class Local:
         """The base model's local directory: built, found, or a hub snapshot in the HF cache."""
         from lab.models import resolve
 
-        return resolve(model, None) if model else resolve(recipe.model.path, recipe.model.revision)
+        allow = recipe.model.allow_pickle
+        return resolve(model, None, allow) if model else resolve(recipe.model.path, recipe.model.revision, allow)
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
         if gpus > 1:  # the same `lab train`, once per device, under accelerate launch
@@ -187,6 +188,7 @@ class Docker:
         out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
         try:
             self.lab("resolve", "--model", path, *(["--revision", revision] if revision else []),
+                     *(["--allow-pickle"] if recipe.model.allow_pickle else []),
                      "--out", self.c.to_container(self.spec("train"), out), log=runs.RUNS_DIR / "resolve.log")
             return json.loads(out.read_text())["model"]
         finally:

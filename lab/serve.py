@@ -139,7 +139,8 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter:
 
 
 def base_url(recipe: Recipe, port: int | None = None) -> str:
-    return f"http://{recipe.serve.host}:{port or recipe.serve.port}"
+    host = recipe.serve.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port or recipe.serve.port}"
 
 
 def healthy(url: str) -> bool:
@@ -196,9 +197,13 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
             # Own session: `make stop` from another shell can end the whole process group.
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
                                     start_new_session=True)
-        record = {"pid": proc.pid, "pid_started": _started(proc.pid), "model": str(adapter or model_dir),
-                  "adapter": adapter, "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv}
-        write_record(url, log, record)
+        try:
+            record = write_record(url, log, {
+                "pid": proc.pid, "pid_started": _started(proc.pid), "model": str(adapter or model_dir),
+                "adapter": adapter, "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv})
+        except BaseException:  # e.g. a full disk under runs/: no server without a record
+            _stop_process_group(proc.pid)
+            raise
     return wait_healthy(url, recipe, log, record,
                         failed=lambda: None if proc.poll() is None else f"exited unexpectedly (code {proc.returncode})")
 
@@ -227,16 +232,28 @@ def claim(url: str):
     with open(servers_dir() / f"{port_of(url)}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = server_state(port_of(url))
-        if record and not _record_alive(record):
+        if record and _record_alive(record):  # still loading its model: it holds no socket yet
+            raise LabError(f"a lab server already runs at {record['url']} (serving {record.get('model')}; log "
+                           f"{record.get('log')}): `make stop PORT={port_of(url)}` first, or pick another PORT")
+        if record:
             _drop(record)  # a server that died (kill -9, reboot): its record only
         check_free(url)
         yield
 
 
+_STARTED_HERE: dict[str, dict] = {}  # url -> the record of the server this process started there
+
+
 def write_record(url: str, log: Path, record: dict) -> dict:
     record = {"url": url, "port": port_of(url), "log": str(log), **record}
+    servers_dir().mkdir(parents=True, exist_ok=True)
     write_json(servers_dir() / f"{record['port']}.json", record)
+    _STARTED_HERE[url] = record
     return record
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("pid", "pid_started", "container", "url"))
 
 
 def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> str:
@@ -253,7 +270,7 @@ def wait_healthy(url: str, recipe: Recipe, log: Path, record: dict, failed) -> s
                 raise LabError(f"Server failed to start in time ({recipe.serve.startup_timeout_s:.0f} s); see {log}")
             time.sleep(1.0)
     except BaseException:  # a server that never came up is not left behind
-        stop_server(record)
+        stop_server(_STARTED_HERE.pop(url, record))
         raise
     return url
 
@@ -289,6 +306,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # exists, as another user's process (a pid reused after a reboot)
+        return True
     try:  # a zombie child of ours counts as gone
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
@@ -296,11 +315,18 @@ def _alive(pid: int) -> bool:
 
 
 def _is_ours(record: dict) -> bool:
-    """The recorded process is still the one the lab started (same pid and start time)."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or pid <= 1:
+    """The recorded process is still the one the lab started: same pid, same start time, same
+    program. A record without them (hand-written, or planted through the runs/ mount) names none."""
+    pid, started, argv = record.get("pid"), record.get("pid_started"), record.get("argv")
+    if not isinstance(pid, int) or pid <= 1 or not started or not isinstance(argv, list) or not argv:
         return False
-    return _alive(pid) and (record.get("pid_started") is None or _started(pid) == record.get("pid_started"))
+    if not _alive(pid) or _started(pid) != started:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].decode(errors="replace") == str(argv[0])
 
 
 def _record_alive(record: dict) -> bool:
@@ -312,7 +338,14 @@ def _record_alive(record: dict) -> bool:
 
 
 def _drop(record: dict) -> None:
-    (servers_dir() / f"{record['port']}.json").unlink(missing_ok=True)
+    """Remove the port's record if it is still this one (another server may hold the port now)."""
+    path = servers_dir() / f"{record['port']}.json"
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        current = None
+    if current is None or _same(current, record):
+        path.unlink(missing_ok=True)
 
 
 def stop_server(record: dict) -> str:
@@ -327,7 +360,8 @@ def stop_server(record: dict) -> str:
         what = f"pid {record['pid']}"
     else:  # exited, or the pid now names another process: kill nothing
         what = f"pid {record.get('pid')} was no longer the lab's server; nothing killed"
-    _drop(record)
+    if not record.get("_gone"):
+        _drop(record)
     return what
 
 
@@ -344,11 +378,11 @@ def stop(quiet: bool = False, port: int | None = None) -> bool:
 
 
 def stop_url(url: str | None) -> None:
-    """Stop the server a caller started at `url` (e2e's own, never another one)."""
-    if url:
+    """Stop the server this process started at `url` (e2e's own), never one started since by another."""
+    mine = _STARTED_HERE.pop(url, None) if url else None
+    if mine:
         record = server_state(port_of(url))
-        if record and record["url"] == url:
-            stop_server(record)
+        stop_server(record if record and _same(record, mine) else {**mine, "_gone": True})
 
 
 def _stop_process_group(pid: int) -> None:
@@ -398,7 +432,9 @@ def running_url(port: int | None = None) -> str | None:
         return record["url"]
     if not _record_alive(record):
         _drop(record)
-        raise LabError(f"the lab's server at {record['url']} has exited; its log: {record['log']}: "
-                       f"{_tail(Path(record['log']))}")
+        log = Path(record["log"])
+        tail = _tail(log) if runs.RUNS_DIR.resolve() in log.resolve().parents else ""  # never an arbitrary file
+        raise LabError(f"the lab's server at {record['url']} has exited; its log: {record['log']}"
+                       f"{f': {tail}' if tail else ''}")
     raise LabError(f"the lab's server at {record['url']} does not answer /health (still starting, or hung); "
                    f"its log: {record['log']}")

@@ -52,12 +52,12 @@ def check_same_data(sources: list[dict], run: Path) -> None:
         return
     from lab.runs import read_json_file
 
-    started = {s["path"]: s["rows_sha256"] for s in read_json_file(path, "remove it to skip this check")}
-    now = {s["path"]: s["rows_sha256"] for s in sources}
-    changed = sorted(p for p in started.keys() | now.keys() if started.get(p) != now.get(p))
-    if changed:
-        raise LabError(f"RESUME=1: dataset {changed[0]} changed since {run.name} started; the checkpoint was "
-                       "trained on the old rows: restore them, or start a new run")
+    started = read_json_file(path, "remove it to skip this check")
+    # in order, by the rows' hash: a container sees the same files under other paths
+    changed = [now["path"] for then, now in zip(started, sources) if then["rows_sha256"] != now["rows_sha256"]]
+    if len(started) != len(sources) or changed:
+        raise LabError(f"RESUME=1: dataset {(changed or [sources[-1]['path']])[0]} changed since {run.name} started; "
+                       "the checkpoint was trained on the old rows: restore them, or start a new run")
 PARITY_SAMPLES = 4
 
 

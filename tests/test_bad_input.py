@@ -84,9 +84,9 @@ CASES = [
     ("push-to-hub", lambda t, r: ["train", "--hw", "cpu", "--set", "train.push_to_hub=true"],
      "lab train: error: identity-lora.yaml: train.push_to_hub uploads the model (trained on your data) to "
      "the Hub; add `allow: [push_to_hub]` to the recipe if you mean it"),
-    ("hub-model-id", lambda t, r: ["train", "--hw", "cpu", "--set", "train.hub_model_id=me/model"],
-     "lab train: error: identity-lora.yaml: train.hub_model_id uploads the model (trained on your data) "
-     "to the Hub; add `allow: [push_to_hub]` to the recipe if you mean it"),
+    ("report-to-a-list", lambda t, r: ["train", "--hw", "cpu", "--set", "train.report_to=[tensorboard,wandb]"],
+     "lab train: error: identity-lora.yaml: train.report_to sends metrics to an outside service; add "
+     "`allow: [report_to]` to the recipe if you mean it"),
     ("report-to", lambda t, r: ["train", "--hw", "cpu", "--set", "train.report_to=wandb"],
      "lab train: error: identity-lora.yaml: train.report_to sends metrics to an outside service; add "
      "`allow: [report_to]` to the recipe if you mean it"),

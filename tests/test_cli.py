@@ -160,3 +160,63 @@ def test_a_full_disk_or_a_locked_file_is_one_line(tmp_path, capsys, monkeypatch)
         monkeypatch.setitem(cli.COMMANDS, "stop", (fail, "x"))
         assert cli.main(["stop"]) == 2
         assert capsys.readouterr().err == f"lab stop: error: {expected}\n"
+
+
+def test_nohup_keeps_sighup_ignored(runs_dir):
+    import signal
+
+    from lab.cli import main
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main(["stop"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_distributed_ranks_never_inherit_make_arguments(monkeypatch, tmp_path):
+    """LAB_ARG_GPUS=2 in a rank's environment would make it launch again, without end."""
+    from lab import launch
+
+    seen = {}
+
+    class Finished:
+        stdout: list = []
+
+        def __init__(self, cmd, env=None, **kw):
+            seen.update(cmd=cmd, env=env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setenv("LAB_ARG_GPUS", "2")
+    monkeypatch.setattr(launch.subprocess, "Popen", Finished)
+    launch.launch(["--run", "x"], 2, "ddp", tmp_path / "log")
+    assert not [k for k in seen["env"] if k.startswith("LAB_ARG_")] and seen["env"]["LAB_DIST"] == "ddp.yaml"
+
+
+def test_a_server_record_names_a_process_only_with_its_start_time_and_program(runs_dir):
+    import os
+    import sys
+    from pathlib import Path
+
+    from lab.errors import LabError
+    from lab.serve import _is_ours, _started, claim, servers_dir, write_record
+    from conftest import free_port
+
+    me = os.getpid()
+    program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
+    assert _is_ours({"pid": me, "pid_started": _started(me), "argv": [program]})
+    assert not _is_ours({"pid": me, "argv": [program]})  # planted: no start time
+    assert not _is_ours({"pid": me, "pid_started": "1", "argv": [program]})  # the pid was reused
+    assert not _is_ours({"pid": me, "pid_started": _started(me), "argv": ["/usr/bin/vllm"]})
+    # a live server still loading its model holds no socket yet, and still owns its port
+    port = free_port()
+    write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
+                 {"pid": me, "pid_started": _started(me), "argv": [program], "model": "m"})
+    with pytest.raises(LabError, match=f"a lab server already runs at http://127.0.0.1:{port}"):
+        with claim(f"http://127.0.0.1:{port}"):
+            pass
+    (servers_dir() / f"{port}.json").unlink()
+    assert sys.executable

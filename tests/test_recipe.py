@@ -115,3 +115,11 @@ def test_guarded_train_keys_pass_only_when_the_recipe_allows_them(tmp_path):
     with pytest.raises(LabError, match="hub_token is a credential"):  # never allowed: it would be copied
         load_recipe(str(path), ["train.hub_token=hf_x"], hw="cpu")
     assert load_recipe(str(path), ["train.report_to=none"], hw="cpu").train["report_to"] == "none"
+
+
+def test_token_strings_of_the_model_are_not_credentials():
+    from lab.recipe import load_recipe
+
+    r = load_recipe("identity-lora", ["train.eos_token=<|im_end|>", "train.pad_token=<|endoftext|>",
+                                      "train.report_to=tensorboard", "train.hub_strategy=end"], hw="cpu")
+    assert r.train["eos_token"] == "<|im_end|>" and r.train["report_to"] == "tensorboard"
