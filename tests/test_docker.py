@@ -162,6 +162,7 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
     network and publishes its port on 127.0.0.1, as `docker compose up serve-cpu` would."""
     env = {k: v for k, v in os.environ.items() if k not in ("LAB_RUNTIME", "LAB_DOCKER_NETWORK")}
     env["LAB_RUNS"] = str(tmp_path / "runs")
+    env["LAB_API_KEY"] = "compose-key-3"  # the container's vLLM requires it; make ask sends it
     port = str(free_port())
 
     def make(*args):
@@ -175,6 +176,13 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
         (container,) = images.containers.list(filters={"label": f"{containers.LABEL}=serve-cpu"})
         assert containers.PROJECT_NETWORK in container.attrs["NetworkSettings"]["Networks"]
         assert container.attrs["HostConfig"]["PortBindings"] == {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": port}]}
+        # least privilege, as compose.yaml asks: no capabilities, no privilege gains
+        assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+        assert "no-new-privileges:true" in container.attrs["HostConfig"]["SecurityOpt"]
+        import httpx
+
+        body = {"model": "lab", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 401
         assert "Pebble" in make("ask", "Q=Who are you?")  # the embedded base model's own persona
     finally:
         make("stop")
