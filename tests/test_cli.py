@@ -220,3 +220,27 @@ def test_a_server_record_names_a_process_only_with_its_start_time_and_program(ru
             pass
     (servers_dir() / f"{port}.json").unlink()
     assert sys.executable
+
+
+def test_e2e_beside_a_running_server_refuses_and_leaves_it_alone(runs_dir, embedded_model):
+    """`make e2e` while `make serve` holds the port: e2e stops at its first start, and the other
+    server's record (and so the server) stays."""
+    import os
+    from pathlib import Path
+
+    from conftest import free_port
+    from lab.e2e import e2e
+    from lab.errors import LabError
+    from lab.recipe import load_recipe
+    from lab.serve import _started, server_state, servers_dir, write_record
+
+    me = os.getpid()
+    program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
+    port = free_port()
+    record = write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
+                          {"pid": me, "pid_started": _started(me), "argv": [program], "model": "m"})
+    recipe = load_recipe("identity-lora", hw="cpu")
+    with pytest.raises(LabError, match=f"a lab server already runs at http://127.0.0.1:{port}"):
+        e2e(recipe, port)
+    assert server_state(port) == record  # still recorded: nothing stopped it
+    (servers_dir() / f"{port}.json").unlink()
