@@ -98,16 +98,11 @@ def read_json(path: Path, what_makes_it: str):
 
 
 def write_json(path: Path, data) -> None:
-    """Atomically: a temp file of this process's own, then a rename (a reader never sees half)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """A temp file of this process's own, then a rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

@@ -171,8 +171,7 @@ def check_free(url: str) -> None:
         return
     record = server_state(parts.port)
     if record and _record_alive(record):
-        raise LabError(f"a lab server already runs at {url} (serving {record.get('model')}; log {record.get('log')}): "
-                       f"`make stop PORT={parts.port}` first, or pick another PORT")
+        raise _busy(record)
     raise LabError(f"port {parts.port} on {parts.hostname} is taken by a program the lab did not start; pick another "
                    "PORT")
 
@@ -233,8 +232,7 @@ def claim(url: str):
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = server_state(port_of(url))
         if record and _record_alive(record):  # still loading its model: it holds no socket yet
-            raise LabError(f"a lab server already runs at {record['url']} (serving {record.get('model')}; log "
-                           f"{record.get('log')}): `make stop PORT={port_of(url)}` first, or pick another PORT")
+            raise _busy(record)
         if record:
             _drop(record)  # a server that died (kill -9, reboot): its record only
         check_free(url)
@@ -242,6 +240,11 @@ def claim(url: str):
 
 
 _STARTED_HERE: dict[str, dict] = {}  # url -> the record of the server this process started there
+
+
+def _busy(record: dict) -> LabError:
+    return LabError(f"a lab server already runs at {record['url']} (serving {record.get('model')}; log "
+                     f"{record.get('log')}): `make stop PORT={record['port']}` first, or pick another PORT")
 
 
 def write_record(url: str, log: Path, record: dict) -> dict:

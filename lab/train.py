@@ -36,8 +36,8 @@ def last_complete_checkpoint(checkpoints: Path, remove_partial: bool = True) -> 
 
     found = sorted((d for d in checkpoints.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()),
                    key=lambda d: int(d.name.split("-")[-1]))
-    complete = [d for d in found if (d / CHECKPOINT_DONE).is_file()
-                and any(d.glob("*.safetensors"))]
+    # (the weights' own layout varies: safetensors, FSDP shards, DeepSpeed folders; the state file is last)
+    complete = [d for d in found if (d / CHECKPOINT_DONE).is_file()]
     for d in found:
         if remove_partial and d not in complete:
             print(f"train: removing {d.name}: written only in part (interrupted while saving)")
@@ -58,6 +58,8 @@ def check_same_data(sources: list[dict], run: Path) -> None:
     if len(started) != len(sources) or changed:
         raise LabError(f"RESUME=1: dataset {(changed or [sources[-1]['path']])[0]} changed since {run.name} started; "
                        "the checkpoint was trained on the old rows: restore them, or start a new run")
+
+
 PARITY_SAMPLES = 4
 
 
