@@ -50,9 +50,17 @@ def launch(train_argv: list[str], processes: int, dist: str, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**env, "LAB_DIST": config.name})
-        for line in proc.stdout:
-            out.write(line)
-            sys.stdout.write(line)
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                sys.stdout.write(line)
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: accelerate's launcher ends its ranks on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if code != 0:
         raise LabError(f"distributed training exited with {code}; see {log}")
