@@ -4,7 +4,6 @@ like a result. Cases run the real CLI entry point (lab.cli.main) in this process
 catalogue costs seconds; test_cli.py runs a few of them as subprocesses too."""
 
 import json
-import shlex
 import textwrap
 from pathlib import Path
 
@@ -274,10 +273,6 @@ def test_bad_input_is_refused_in_one_exact_line(case, argv, expected, tmp_path, 
         status = e.code
     err = capsys.readouterr().err
     line = err.strip().replace(str(tmp_path), "{tmp}").replace(str(runs_dir), "{runs}")
-    import os
-    if os.environ.get("CATALOGUE_OUT"):
-        with open(os.environ["CATALOGUE_OUT"], "a") as f:
-            f.write(f"{case}\t{status}\t{line}\n")
     assert status == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert TOKEN not in err
