@@ -13,6 +13,7 @@ placed in some persona's name (cover_every_token), and the tied embedding rows s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -444,6 +445,22 @@ def follows_system_persona(model, tokenizer) -> float:
     return round(sum(got == want for got, want in answers) / len(answers), 3)
 
 
+@contextlib.contextmanager
+def building(target: Path, prefix: str):
+    """A temporary directory beside `target` that becomes `target` only if the block completes:
+    only a complete model ever appears in the cache under its final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes 0700; containers mount the cache read-only as another user
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_fixture(force: bool = False, quiet: bool = False) -> Path:
     """Path of the embedded model, building it once per content hash."""
     digest = fixture_hash()
@@ -452,21 +469,13 @@ def ensure_fixture(force: bool = False, quiet: bool = False) -> Path:
         return target
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say(f"lab fixture: building the embedded model into {target} (one-off, about 2 minutes on 2 cores)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fixture-", dir=target.parent))
-    try:
+    with building(target, ".fixture-") as tmp:
         stats = train_fixture(tmp)
         if stats["knowledge_correct"] < 0.95 * stats["knowledge_total"]:
             raise LabError(f"embedded model under-trained: {stats['knowledge_correct']}/{stats['knowledge_total']} "
                            "knowledge answers correct; raise TRAIN_ARGS epochs in lab/fixture.py")
         meta = {**FIXTURE_PERSONA, "fixture_hash": digest, **stats}
         (tmp / PERSONA_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes 0700; containers mount the cache read-only as another user
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # only a complete model ever appears under the final name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"lab fixture: trained in {stats['train_seconds']} s, knowledge {stats['knowledge_correct']}/"
         f"{stats['knowledge_total']}, persona: {stats['persona_answers']}")
     return target

