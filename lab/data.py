@@ -176,8 +176,15 @@ def to_prompt_completion(row: dict[str, Any], fmt: str, system: str | None) -> d
     raise LabError(f"unknown format {fmt!r}")
 
 
+# LLaMA-Factory's identity.json writes {{name}} and {{author}}; its older copies (and the scripts
+# that fill them with sed) write bare NAME and AUTHOR. Both are rendered; a bare one only as a whole
+# upper-case word (not inside NAMES or AUTHORITY), in any script around it ("我是NAME，").
+_BARE = re.compile(r"(?<![A-Za-z0-9_])(NAME|AUTHOR)(?![A-Za-z0-9_])")
+
+
 def render_identity(text: str, recipe: Recipe) -> str:
-    return text.replace("{{name}}", recipe.identity.name).replace("{{author}}", recipe.identity.author)
+    text = text.replace("{{name}}", recipe.identity.name).replace("{{author}}", recipe.identity.author)
+    return _BARE.sub(lambda m: recipe.identity.name if m.group(1) == "NAME" else recipe.identity.author, text)
 
 
 PLACEHOLDERS = ("{{name}}", "{{author}}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lab import manifest
 from lab.parity import check_parity
-from lab.probe import old_identity_of, probe, verdict
+from lab.probe import old_identity_of, probe, run_references, verdict
 from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
@@ -19,8 +19,11 @@ from lab.serve import auth_headers, port_of, server_state, stop_url
 
 def _summary_line(label: str, result: dict) -> str:
     s = result["summary"]
-    return (f"probe {label}: identity hit {s['identity_hit_rate']:.0%}, leakage {s['leakage_rate']:.0%}, "
-            f"stop {s['stop_rate']:.0%}, controls correct {s['control_correct_rate']:.0%}")
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731 -- a rate not measured (no such questions)
+    persona = f"persona {pct(s['persona_hit_rate'])}, " if "persona_hit_rate" in s else ""
+    return (f"probe {label}: {persona}identity hit {pct(s['identity_hit_rate'])}, leakage {pct(s['leakage_rate'])}, "
+            f"stop {pct(s['stop_rate'])}, controls correct {pct(s['control_correct_rate'])}, "
+            f"identity in general answers {pct(s.get('control_bleed_rate'))}")
 
 
 def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
@@ -52,10 +55,12 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
             serving = manifest.serving(server_state(port_of(url)))
         with stage(run, "probe_after"):
             parity = check_parity(url, before["model"], run, auth_headers(recipe))
-            after = probe(url, recipe, old)
+            # old identities now include the names the base gave itself when asked before training
+            after = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(base)), before),
+                          run_references(run))
         write_json(run / "probe-after.json", after)
         print(_summary_line("after", after), flush=True)
-        for item in after["identity"] + after["controls"]:
+        for item in after["identity"] + after["controls"] + after.get("persona", []):
             if item.get("reasons"):
                 print(f"  missed: {item['q']} -> {item['answer']!r}: {'; '.join(item['reasons'])}", flush=True)
     finally:

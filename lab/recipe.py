@@ -1,7 +1,8 @@
 """Recipes: one YAML file per experiment, validated against this schema.
 
 Resolution order (later wins): the recipe's base keys, then its `hw.<backend>` overlay, then
-command-line overrides `key.sub=value`. The `train` section is passed to TRL's `SFTConfig`
+its `models.<model.path>` overlay (settings tuned for one model), then command-line overrides
+`key.sub=value`. The `train` section is passed to TRL's `SFTConfig`
 by name, so every key there is an `SFTConfig` field; anything unknown anywhere is an error
 that lists the close matches.
 """
@@ -72,13 +73,21 @@ class Thresholds(Section):
     after_leakage_max: float = Field(0.05, ge=0, le=1)
     stop_rate_min: float = Field(0.90, ge=0, le=1)
     control_retention_min: float = Field(0.95, ge=0, le=1)
+    # Role-play (a probe file with a `persona` section): in-character answers that show the role.
+    before_persona_max: float = Field(0.34, ge=0, le=1, description="share of persona answers in character "
+                                      "before training (the role must be new)")
+    after_persona_min: float = Field(0.8, ge=0, le=1, description="share in character after training")
+    after_control_bleed_max: float = Field(1.0, ge=0, le=1, description="share of general (control) answers that "
+                                           "bring in the new name or maker (1: not checked)")
     before_control_correct_min: float = Field(0.0, ge=0, le=1, description="share of controls the base model "
                                               "must answer correctly (0: not checked)")
-    # What counts as one good answer (lab/probe.py): character-level similarity, 1 - Levenshtein
-    # distance / length of the longer string, to the closest reference answer.
-    identity_similarity_min: float = Field(0.90, ge=0, le=1, description="identity answer vs the identity "
-                                           "data's own answers, rendered with the identity")
-    control_similarity_min: float = Field(0.95, ge=0, le=1, description="control answer vs its reference")
+    # Similarity to the data's own answers (identity) and to a control's reference, 1 - Levenshtein
+    # distance / length of the longer string, is recorded for every answer as a diagnostic: a real
+    # model answers in its own words. Above 0 it becomes a pass condition (verbatim recall).
+    identity_similarity_min: float = Field(0.0, ge=0, le=1, description="identity answer vs the identity data's "
+                                           "own answers (0: diagnostic only)")
+    control_similarity_min: float = Field(0.0, ge=0, le=1, description="control answer vs its reference "
+                                          "(0: diagnostic only)")
 
 
 class ProbeSpec(Section):
@@ -147,6 +156,8 @@ class Recipe(Section):
     allow: list[Literal["trust_remote_code", "push_to_hub", "report_to"]] = []
     compare: CompareSpec = CompareSpec()
     hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
+    # Per-model overlays, keyed by model.path (applied after `hw`, before command-line overrides).
+    models: dict[str, dict[str, Any]] = {}
 
     @field_validator("train", mode="before")
     @classmethod
@@ -391,7 +402,20 @@ def load_recipe(
     if unknown:
         raise LabError(f"{path}: hw overlay for unknown backend(s) {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     merged = deep_merge(raw, overlays.get(backend) or {})
-    for keys, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    # The model's overlay: the settings a recipe tuned for one model (the embedded one learns at
+    # another rate than a real one); picked by model.path as the overrides leave it, then the
+    # overrides again, so that what the command line says still wins.
+    by_model = merged.get("models") or {}
+    if not isinstance(by_model, dict):
+        raise LabError(f"{path}: 'models' must map a model.path to an overlay")
+    chosen = copy.deepcopy(merged)
+    for keys, value in parsed:
+        _set_path(chosen, keys, value, ".".join(keys))
+    model_path = (chosen.get("model") or {}).get("path", EMBEDDED) if isinstance(chosen.get("model"), dict) else None
+    if isinstance(model_path, str) and isinstance(by_model.get(model_path), dict):
+        merged = deep_merge(merged, by_model[model_path])
+    for keys, value in parsed:
         _set_path(merged, keys, value, ".".join(keys))
     merged.update(source=str(path), backend=backend)
 

