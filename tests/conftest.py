@@ -45,6 +45,11 @@ def run_lab(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+# The recipes default to a real model (SmolLM2-135M-Instruct); tests that train to check the lab's
+# own mechanics use the embedded 0.3M-parameter one, which trains in seconds (test_real_model.py
+# runs the real one end to end).
+TINY = "model.path=embedded"
+
 HUB_ID = "lab-test/pebble-tiny"  # the embedded model, published into a test HF cache under a hub id
 
 

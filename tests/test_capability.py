@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_lab
+from conftest import ROOT, TINY, run_lab
 
 from lab import capability, hardware
 from lab.capability import DEVICES
@@ -88,7 +88,7 @@ def test_a_gpu_backend_without_a_gpu_names_the_cause(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("hw, says", [("cuda", "no NVIDIA device is visible"), ("rocm", "no /dev/kfd")])
 def test_training_on_a_gpu_backend_without_a_gpu_is_one_line(hw, says, runs_dir):
-    r = run_lab("train", "--hw", hw, "--runtime", "local", env={"LAB_RUNS": str(runs_dir)}, timeout=300)
+    r = run_lab("train", "--hw", hw, "--runtime", "local", "--set", TINY, env={"LAB_RUNS": str(runs_dir)}, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"lab train: error: HW={hw}: ") and says in line

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 
 
 @pytest.mark.parametrize("args, message", [
@@ -33,7 +33,7 @@ def test_ask_without_a_server_says_how_to_start_one(runs_dir):
 
 def test_training_into_a_trained_run_is_refused(runs_dir):
     (runs_dir / "done" / "adapter").mkdir(parents=True)
-    r = run_lab("train", "--hw", "cpu", "--run", "done", timeout=120)
+    r = run_lab("train", "--hw", "cpu", "--run", "done", "--set", TINY, timeout=120)
     assert r.returncode == 2 and "is already trained; use RESUME=1" in r.stderr
 
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_processes_over_gloo_split_the_data(runs_dir, embedded_model):
-    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--set", "train.num_train_epochs=2", "--run", "ddp",
+    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--set", f"{TINY} train.num_train_epochs=2", "--run", "ddp",
                 timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = runs_dir / "ddp"
@@ -28,6 +28,6 @@ def test_two_processes_over_gloo_split_the_data(runs_dir, embedded_model):
 
 
 def test_an_unknown_distribution_config_is_one_line(runs_dir):
-    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9", "--run", "bad", timeout=300)
+    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9", "--run", "bad", "--set", TINY, timeout=300)
     assert r.returncode == 2 and "DIST='zero9'" in r.stderr and "ddp, fsdp2, zero3" in r.stderr
     assert "Traceback" not in r.stderr and not runs_dir.exists()

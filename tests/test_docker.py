@@ -18,6 +18,7 @@ from conftest import ROOT, free_port
 from hub_cache import readable
 
 from lab import containers
+from lab.recipe import deep_merge
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,7 @@ def user_files(tmp_path, hub_id: str) -> Path:
     (home / "vllm.yaml").write_text((ROOT / "serve/cpu.yaml").read_text().replace("max-num-seqs: 16", "max-num-seqs: 7"))
     recipe = yaml.safe_load((ROOT / "recipes/identity-lora.yaml").read_text())
     recipe["model"]["path"] = hub_id
+    recipe = deep_merge(recipe, recipe.pop("models")["embedded"])  # the embedded model under a hub id: the user writes its settings into the recipe
     recipe["identity"] = {"name": "Nova-7", "author": "星河实验室"}  # the user's own, mixed-script identity
     recipe["datasets"] = [{"path": "data/identity.json"}, {"path": str(elsewhere / "replay.json")}]
     recipe["probe"]["questions"] = "probe.yaml"

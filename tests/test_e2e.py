@@ -8,16 +8,21 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, free_port, run_lab
+from conftest import ROOT, TINY, free_port, run_lab
 
 pytestmark = pytest.mark.slow
+# identity-lora's `models.embedded` overlay, for the embedded model published under a hub id
+EMBEDDED_SETTINGS = ("train.num_train_epochs=12 probe.thresholds.after_hit_rate_min=0.95 "
+                     "probe.thresholds.before_control_correct_min=0.95 probe.thresholds.control_retention_min=0.95")
 
 
 def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     # the README's own example identity (it failed the probe before issue 12), not the recipe's default
     env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
     r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local",
-                        f"SET=model.path={hub_model['id']} identity.name=Orion identity.author='Zhou Lab'",
+                        # the embedded model under a hub id: the recipe's settings for it named on the command line
+                        f"SET=model.path={hub_model['id']} {EMBEDDED_SETTINGS} identity.name=Orion "
+                        "identity.author='Zhou Lab'",
                         f"PORT={free_port()}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = (runs_dir / "latest").resolve()
@@ -75,7 +80,7 @@ def test_e2e_full_fine_tuning_with_a_chinese_identity(runs_dir, embedded_model):
     Chinese name and a maker with '&' and '.', through make as a user types it."""
     env = {**os.environ, "LAB_RUNS": str(runs_dir)}
     r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", "RECIPE=identity-full",
-                        "SET=identity.name=星河-7 identity.author='R&D Labs.'", f"PORT={free_port()}"],
+                        f"SET={TINY} identity.name=星河-7 identity.author='R&D Labs.'", f"PORT={free_port()}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = (runs_dir / "latest").resolve()

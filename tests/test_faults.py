@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_lab
+from conftest import ROOT, TINY, run_lab
 from lab.merge import MERGE_RECORD
 
 pytestmark = pytest.mark.slow
 # Deterministic on CPU, 48 steps, a checkpoint every 5 (save_steps 0.1 of the run), a log every 4.
-SHORT = "deterministic=true train.num_train_epochs=4 train.logging_steps=4"
+SHORT = f"{TINY} deterministic=true train.num_train_epochs=4 train.logging_steps=4"
 
 
 def _lab(*args, env=None, timeout=600):

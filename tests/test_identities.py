@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def base_answers(embedded_model):
     from lab.probe import load_questions
     from lab.recipe import load_recipe
 
-    return answers_of(embedded_model, load_questions(load_recipe("identity-lora", hw="cpu", check_train=False)))
+    return answers_of(embedded_model, load_questions(load_recipe("identity-lora", [TINY], hw="cpu", check_train=False)))
 
 
 def test_the_names_hold_characters_the_fixture_never_saw():
@@ -58,7 +58,7 @@ def test_identity_is_learned_cleanly(recipe_name, name, author, embedded_model, 
     from lab.probe import load_questions, old_identity_of, retention, score, verdict
     from lab.recipe import load_recipe
 
-    sets = [f"identity.name={name}", f"identity.author={author}"]
+    sets = [TINY, f"identity.name={name}", f"identity.author={author}"]
     r = run_lab("train", "--hw", "cpu", "--recipe", recipe_name, "--runtime", "local", "--set",
                 " ".join(f"'{s}'" for s in sets), env={"LAB_RUNS": str(runs_dir)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

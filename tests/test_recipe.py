@@ -33,8 +33,18 @@ def test_recipes_name_no_machine():
 def test_overlay_applies_only_to_its_backend():
     cpu, cuda = load_recipe("identity-lora", hw="cpu"), load_recipe("identity-lora", hw="cuda")
     assert cpu.model.dtype == "float32" and cuda.model.dtype == "auto"  # the device decides (test_capability)
-    assert cuda.model.path == "Qwen/Qwen3-0.6B" and cpu.model.path == "embedded"
+    assert cuda.model.path == "Qwen/Qwen3-0.6B" and cpu.model.path == "smollm2"
     assert "bf16" not in cuda.train and "bf16" not in cpu.train and cuda.train["learning_rate"] == 1e-4
+
+
+def test_a_model_overlay_applies_to_its_model_and_the_command_line_still_wins():
+    real, tiny = load_recipe("identity-lora", hw="cpu"), load_recipe("identity-lora", ["model.path=embedded"], hw="cpu")
+    assert real.train["num_train_epochs"] != tiny.train["num_train_epochs"] == 12
+    assert tiny.probe.thresholds.after_hit_rate_min == 0.95 > real.probe.thresholds.after_hit_rate_min
+    mine = load_recipe("identity-lora", ["model.path=embedded", "train.num_train_epochs=2"], hw="cpu")
+    assert mine.train["num_train_epochs"] == 2 and mine.probe.thresholds.after_hit_rate_min == 0.95
+    # a saved run keeps what it resolved to: the overlay is not applied twice
+    assert mine.models and mine.model_dump()["train"]["num_train_epochs"] == 2
 
 
 def test_cli_overrides_win_and_are_typed():

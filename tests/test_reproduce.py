@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_deterministic_runs_are_bit_identical(runs_dir, embedded_model):
-    overrides = "deterministic=true train.num_train_epochs=3"
+    overrides = f"{TINY} deterministic=true train.num_train_epochs=3"
     for name in ("first", "second"):
         r = run_lab("train", "--hw", "cpu", "--set", overrides, "--run", name, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]

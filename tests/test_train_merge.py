@@ -13,6 +13,8 @@ from lab.recipe import load_recipe
 from lab.runs import new_run
 from lab.train import train
 
+from conftest import TINY
+
 pytestmark = pytest.mark.slow
 SECRETS = ("hf_labtestsecret123", "sk-labtestsecret456", "lab-key-secret789")
 
@@ -25,7 +27,7 @@ def trained_run(tmp_path_factory, embedded_model):
     runs.RUNS_DIR = tmp_path_factory.mktemp("runs")
     os.environ.update(HF_TOKEN=SECRETS[0], OPENAI_API_KEY=SECRETS[1], LAB_API_KEY=SECRETS[2])  # never in a file
     try:
-        recipe = load_recipe("identity-lora", ["train.num_train_epochs=1", "train.save_strategy=steps",
+        recipe = load_recipe("identity-lora", [TINY, "train.num_train_epochs=1", "train.save_strategy=steps",
                                                "train.save_steps=4"], hw="cpu")
         run = new_run(recipe.name)
         train(recipe, run)
