@@ -26,15 +26,20 @@ def saved_bytes(config, method: str, half: bool, masters: bool = False, seq: int
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     weights = {p.data_ptr() for p in model.parameters()}
-    weight_shapes = {p.shape for p in model.parameters() if p.dim() == 2}
     storages: dict[int, int] = {}
     copies: dict[int, int] = {}
 
+    def cast_weight(t) -> bool:
+        """Autocast's bf16 cast of a float32 weight (linears save it transposed): equal to one."""
+        if not masters or t.dtype != torch.bfloat16 or t.dim() != 2:
+            return False
+        with torch.no_grad():
+            return any(torch.equal(view, p.to(torch.bfloat16)) for view in (t, t.t())
+                       for p in model.parameters() if p.shape == view.shape)
+
     def keep(t):
         if t.data_ptr() not in weights:
-            # a bf16 tensor of a weight's shape over float32 weights: autocast's cast of that weight
-            copy = masters and t.dtype == torch.bfloat16 and t.shape in weight_shapes
-            (copies if copy else storages)[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            (copies if cast_weight(t) else storages)[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     ids = torch.randint(10, config.vocab_size, (batch, seq))
