@@ -82,7 +82,8 @@ def arms(backend: str, method: str, cfg, lengths: list[int], base: dict) -> dict
     tuned = {**common, "packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False,
              **({"use_liger_kernel": True} if kernel_usable("liger_kernel", backend) else {})}
     shape = speed.model_shape(cfg, 16 if method == "lora" else 0)
-    plan = speed.plan(backend, shape, method, common, lengths, len(lengths))
+    # run_arm loads bf16 weights under bf16 (no float32 masters, unlike `lab train`), else float32
+    plan = speed.plan(backend, shape, method, common, lengths, len(lengths), masters=not common.get("bf16"))
     return {"trl_defaults": (common, "sdpa", None),
             "trl_tuned": (tuned, "flex_attention" if attention_usable("flex_attention", backend) else "sdpa", None),
             "lab": ({**common, **plan.settings}, plan.attn_implementation, plan.record())}

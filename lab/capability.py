@@ -4,7 +4,8 @@ One GPU overlay serves an H100 and a T4, an MI300X and a Strix Halo APU; what di
 them is data: `DEVICES` holds representative devices with their documented capabilities, and
 `detect` reads the same facts from the device torch sees. `decide` turns a recipe into the
 settings that device runs (precision and weight dtype; `model.dtype: auto` means "the device's
-best"), each with its reason; `unsupported` names any setting a device cannot run, and a test
+best": its native half precision, over float32 master weights for full fine-tuning), each with
+its reason; `unsupported` names any setting a device cannot run, and a test
 holds every shipped recipe to it for every device in the table. `gpu_missing` says, in one
 line, why a GPU backend sees no GPU (driver, container toolkit, /dev/kfd group).
 """
@@ -43,6 +44,12 @@ DEVICES: dict[str, Device] = {
     "gfx1151": Device("AMD Radeon 8060S (Strix Halo, gfx1151)", "rocm", "gfx1151", True, 96.0),
     "cpu": Device("CPU", "cpu", None, False, None),
 }
+
+HALF = ("bfloat16", "float16")
+# Why full fine-tuning needs float32 weights: AdamW's step is about the learning rate, and a
+# bfloat16 weight keeps 8 significant bits (tests/test_capability.py measures it).
+ROUNDED_AWAY = ("AdamW updates near the learning rate round away in half-precision weights (at 1e-5, 84 % "
+                "of N(0, 0.02) bfloat16 weights stay unchanged)")
 
 # flash-attn 2 runs on Ampere and newer (its README: sm_80+); the lab offers it on CUDA only.
 FLASH_ATTENTION_MIN_SM = 80
@@ -122,17 +129,24 @@ def decide(recipe, device: Device) -> tuple[str, dict, list[dict]]:
         settings: dict = {}
     else:
         half = "bfloat16" if device.bf16 else "float16"
-        if dtype == "auto":
-            # fp16 mixed precision keeps float32 master weights; a frozen LoRA base may be float16
-            dtype = half if device.bf16 or recipe.method == "lora" else "float32"
-            decided("model.dtype", dtype, f"{what} computes natively in {half}" + (
-                "" if dtype == half else "; full fine-tuning under fp16 mixed precision keeps float32 weights"))
+        if dtype == "auto" and recipe.method == "lora":
+            dtype = half  # the base is frozen; peft keeps the adapters in float32
+            decided("model.dtype", dtype, f"{what} computes natively in {half}; LoRA freezes the base, "
+                    "its float32 adapters take the updates")
+        elif dtype == "auto":
+            dtype = "float32"
+            decided("model.dtype", dtype, f"full fine-tuning keeps float32 master weights and computes in {half} "
+                    f"autocast on {what}: {ROUNDED_AWAY}")
         settings = {}
         if "bf16" not in train and "fp16" not in train:
             settings = mixed_precision(device)
             decided("train.bf16" if device.bf16 else "train.fp16", True,
-                    f"{what} has native bfloat16" if device.bf16 else
-                    f"{what} has no bfloat16: float16 mixed precision with loss scaling")
+                    (f"{what} has native bfloat16" if device.bf16 else
+                     f"{what} has no bfloat16: float16 mixed precision with loss scaling")
+                    + (" (autocast over the float32 weights)" if dtype == "float32" else ""))
+    if recipe.method == "full" and recipe.model.dtype in HALF:
+        decided("model.dtype", dtype, f"warning: full fine-tuning of {dtype} weights without float32 masters: "
+                f"{ROUNDED_AWAY}; model.dtype=auto keeps float32 weights")
     problems = unsupported({**train, **settings}, dtype, recipe.method, device,
                            recipe.model.attn_implementation)
     if problems:

@@ -56,9 +56,17 @@ class Local:
             launch([*self.recipe_argv, "--run", str(run), "--runtime", "local", *(["--resume"] if resume else [])],
                    gpus, dist, run / "train.log")
             return
-        from lab.train import train
+        from lab.launch import is_main_process
+        from lab.train import last_complete_checkpoint, train
 
+        # The checkpoint train() continues from (the same pick), recorded once it has: the trainer
+        # restarts its loss window there, which `lab compare` leaves out. checkpoint-N is step N.
+        start = last_complete_checkpoint(run / "checkpoints", remove_partial=False) if resume else None
         train(recipe, run, resume=resume)
+        if start is not None and is_main_process():
+            from lab import manifest
+
+            manifest.append(run, "resumes", {"checkpoint": start.name, "step": int(start.name.split("-")[-1])})
 
     def merge(self, run: Path) -> Path:
         from lab.merge import merge

@@ -65,15 +65,18 @@ def model_shape(config, lora_r: int = 0, lora_targets: str | list[str] = "all-li
                  vocab=text.vocab_size, lora_r=lora_r, lora_params=lora, lora_linears_per_layer=adapted // max(layers, 1))
 
 
-def activation_bytes_per_token(shape: Shape, method: str, half: bool) -> int:
+def activation_bytes_per_token(shape: Shape, method: str, half: bool, masters: bool = False) -> int:
     """Bytes one decoder layer saves for backward, per token, with a fused (flash-style) attention.
 
     Counted from what autograd keeps in a Qwen3/Llama layer (norm inputs and outputs, q/k/v after
     their norms, the attention output, the MLP's gate/up/activation/product) and checked against
     PyTorch's saved-tensor hooks in tests/test_speed.py, in float32 and in bf16 autocast (as the
-    Trainer runs with bf16=True). LoRA freezes the norms' weights, so their outputs are not kept;
-    in half precision the RMSNorms keep float32 inputs, and peft's float32 adapters make each
-    adapted linear (all-linear: q k v o gate up down) keep its own half-precision copy of its input.
+    Trainer runs with bf16=True) over bf16 or float32 weights. LoRA freezes the norms' weights, so
+    their outputs are not kept; in half precision the RMSNorms keep float32 inputs, and peft's
+    float32 adapters make each adapted linear (all-linear: q k v o gate up down) keep its own
+    half-precision copy of its input. masters: full fine-tuning of float32 weights under autocast,
+    where the residual stream stays float32: the two hidden-size RMSNorms keep float32 outputs, and
+    autocast casts their output once per linear it feeds (q, k, v; gate, up), each copy kept.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     lora_mid = shape.lora_linears_per_layer * shape.lora_r  # each adapter's rank-r intermediate
@@ -82,30 +85,41 @@ def activation_bytes_per_token(shape: Shape, method: str, half: bool) -> int:
         return 4 * elements
     if method == "lora":
         return 18 * h + 14 * q + 4 * kv + 8 * i + 2 * lora_mid
-    return 2 * (4 * h + 6 * q + 2 * kv + 4 * i) + 2 * (2 * h + q + kv)
+    bf16_weights = 2 * (4 * h + 6 * q + 2 * kv + 4 * i) + 2 * (2 * h + q + kv)
+    # float32 norm outputs (+2 B x 2 norms), and 2 more half copies of the attention input, 1 of the MLP's
+    return bf16_weights + (2 * 2 * h + 3 * 2 * h if masters else 0)
 
 
 def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool, bf16: bool, liger: bool,
-                    scores_len: int = 0) -> dict:
+                    scores_len: int = 0, masters: bool = True) -> dict:
     """Peak training memory in bytes for `tokens` tokens per micro-batch: a breakdown.
 
-    liger: Liger's kernels keep no logits (fused linear cross-entropy), keep RMSNorm inputs in
-    the model's dtype and recompute SwiGLU's activation. scores_len: an attention path that
-    materialises each head's scores over rows of that length (SDPA given a packed-sequence mask
-    on CUDA). Both from the H100 measurements in ../shared/notes/platform.md; see docs/benchmarks.md.
+    bf16: half-precision compute (bf16 or fp16 autocast). masters: full fine-tuning keeps float32
+    weights under that autocast (lab/capability.py; False: half-precision weights, model.dtype set
+    so): 4 B weights + 4 B gradients + 8 B AdamW state per parameter, plus autocast's half copy of
+    each weight, kept from forward to backward. liger: Liger's kernels keep no logits (fused linear
+    cross-entropy), keep RMSNorm inputs in the model's dtype and recompute SwiGLU's activation.
+    scores_len: an attention path that materialises each head's scores over rows of that length
+    (SDPA given a packed-sequence mask on CUDA). Both from the H100 measurements in
+    ../shared/notes/platform.md; see docs/benchmarks.md.
     """
-    width = 2 if bf16 else 4
+    width = 2 if bf16 else 4  # activations: the compute dtype
+    masters = masters and bf16 and method == "full"
+    weight_width = 4 if masters or not bf16 else 2  # a LoRA base in half precision on GPUs
     trainable = shape.lora_params if method == "lora" else shape.params
-    state_width = 4 if method == "lora" else width  # peft keeps adapters in float32
-    per_layer = activation_bytes_per_token(shape, method, half=bf16) + shape.heads * scores_len * width
-    if liger and bf16:
+    state_width = 4 if method == "lora" else weight_width  # peft keeps adapters in float32
+    per_layer = activation_bytes_per_token(shape, method, bf16, masters) + shape.heads * scores_len * width
+    if liger and bf16:  # measured over bf16 weights; over float32 masters taken as the same saving
         per_layer -= 2 * (2 * shape.hidden + shape.q_dim + shape.kv_dim) + 2 * shape.intermediate
-    # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
-    activations = tokens * (shape.layers * shape.hidden * width + per_layer if checkpointing
+    # Checkpointing keeps each layer's input (float32 over float32 weights) and recomputes one layer
+    # at a time in backward.
+    residual = 4 if masters else width
+    activations = tokens * (shape.layers * shape.hidden * residual + per_layer if checkpointing
                             else shape.layers * per_layer)
     # Unfused: the logits, their float32 copy and log-softmax (and the gradients of the same size).
     logits = 0 if liger else tokens * shape.vocab * (width + 8)
-    parts = {"weights": shape.params * width + (shape.lora_params * 4 if method == "lora" else 0),
+    parts = {"weights": shape.params * weight_width + (shape.lora_params * 4 if method == "lora" else 0),
+             "autocast_weights": shape.params * 2 if masters else 0,
              "gradients": trainable * state_width, "optimizer": 2 * trainable * state_width,
              "activations": activations, "logits": logits, "overhead": FIXED_OVERHEAD}
     return {**parts, "total": sum(parts.values())}
@@ -160,9 +174,11 @@ class Plan:
 
 def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int], n_examples: int,
          attn_implementation: str = "auto", world_size: int = 1, free: int | None = None,
-         half: bool | None = None) -> Plan:
+         half: bool | None = None, masters: bool = True) -> Plan:
     """Decide the speed settings. `train` is the run's SFTConfig keys as resolved so far (lab,
-    hardware and recipe defaults); keys present there come from the user and are kept."""
+    hardware and recipe defaults); keys present there come from the user and are kept. masters:
+    full fine-tuning keeps float32 weights (the lab's default; a run of half-precision weights
+    uses less than that estimate)."""
     row = SPEED[backend]
     chosen: dict = {}
     decisions: list[dict] = []
@@ -214,7 +230,8 @@ def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int
 
     bf16 = bool(train.get("bf16") or train.get("fp16")) if half is None else half
     budget = (free if free is not None else free_memory(backend)) * MEMORY_HEADROOM
-    fits = lambda m, ckpt: memory_estimate(shape, method, m * row_tokens, ckpt, bf16, liger, scores_len)  # noqa: E731
+    fits = lambda m, ckpt: memory_estimate(shape, method, m * row_tokens, ckpt, bf16, liger, scores_len,  # noqa: E731
+                                           masters)
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
     user_ckpt = train.get("gradient_checkpointing")
     options = [user_ckpt] if user_ckpt is not None else [False, True]

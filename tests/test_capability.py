@@ -28,7 +28,8 @@ def test_every_shipped_recipe_runs_on_every_representative_device(recipe_name, d
     assert capability.unsupported(train, dtype, recipe.method, dev, recipe.model.attn_implementation) == []
     if dev.backend != "cpu":  # half precision on every GPU: the native one
         assert train["bf16"] is dev.bf16 and train["fp16"] is (not dev.bf16)
-        assert dtype == ("bfloat16" if dev.bf16 else "float16" if recipe.method == "lora" else "float32")
+        # full fine-tuning: float32 master weights under that autocast; LoRA: a half-precision base
+        assert dtype == ("float32" if recipe.method == "full" else "bfloat16" if dev.bf16 else "float16")
         assert {d["setting"] for d in decisions} >= {"model.dtype", "train.bf16" if dev.bf16 else "train.fp16"}
         assert all(d["why"] for d in decisions)
 
@@ -49,6 +50,49 @@ def test_a_setting_the_device_cannot_run_is_refused_in_one_line():
     with pytest.raises(LabError, match="cannot unscale"):
         capability.decide(full, t4)
     assert capability.unsupported({"optim": "adamw_torch_fused"}, "float32", "lora", DEVICES["cpu"])
+
+
+@pytest.mark.parametrize("device", ["H100", "A100", "MI300X", "gfx1151", "T4", "V100"])
+def test_full_fine_tuning_keeps_float32_master_weights_under_half_precision_autocast(device):
+    dev = DEVICES[device]
+    dtype, settings, decisions = capability.decide(load_recipe("identity-full", hw=dev.backend), dev)
+    assert dtype == "float32" and settings == {"bf16": dev.bf16, "fp16": not dev.bf16}
+    why = {d["setting"]: d["why"] for d in decisions}
+    assert "float32 master weights" in why["model.dtype"] and "round away" in why["model.dtype"]
+    assert "autocast over the float32 weights" in why["train.bf16" if dev.bf16 else "train.fp16"]
+    # LoRA trains float32 adapters over a frozen base: that base stays in half precision
+    lora, _, _ = capability.decide(load_recipe("identity-lora", hw=dev.backend), dev)
+    assert lora == ("bfloat16" if dev.bf16 else "float16")
+
+
+def test_full_fine_tuning_of_bfloat16_weights_stays_possible_with_a_warning():
+    for hw, dev in (("cuda", DEVICES["H100"]), ("rocm", DEVICES["gfx1151"]), ("cpu", DEVICES["cpu"])):
+        recipe = load_recipe("identity-full", ["model.dtype=bfloat16"], hw=hw)
+        dtype, _, decisions = capability.decide(recipe, dev)
+        (warning,) = [d for d in decisions if d["why"].startswith("warning:")]  # train.py prints every decision
+        assert dtype == "bfloat16" and warning["setting"] == "model.dtype" and "round away" in warning["why"]
+    assert not [d for d in capability.decide(load_recipe("identity-full", hw="cuda"), DEVICES["H100"])[2]
+                if d["why"].startswith("warning:")]
+
+
+def test_half_precision_weights_lose_the_updates_float32_masters_keep():
+    """Why: AdamW's step is about the learning rate (1e-5 in the GPU full recipe), and a bfloat16
+    weight of N(0, 0.02) keeps 8 significant bits, so most such steps round back to the weight."""
+    import torch
+
+    torch.manual_seed(0)
+    weights = torch.randn(1024, 1024) * 0.02
+    unchanged = {dtype: ((w + 1e-5) == w).double().mean().item()
+                 for dtype, w in ((torch.bfloat16, weights.bfloat16()), (torch.float32, weights))}
+    assert 0.83 < unchanged[torch.bfloat16] < 0.86 and unchanged[torch.float32] == 0.0
+    assert f"{int(unchanged[torch.bfloat16] * 100)} %" in capability.ROUNDED_AWAY  # the figure the decision gives
+    # and they never add up: after 100 such steps float32 masters moved every weight, bfloat16 ones 16 %
+    master, half = weights.clone(), weights.bfloat16()
+    for _ in range(100):
+        master += 1e-5
+        half += 1e-5
+    moved = [(w.bfloat16() != weights.bfloat16()).double().mean().item() for w in (master, half)]
+    assert moved[0] == 1.0 and moved[1] < 0.2
 
 
 def test_the_cpu_default_is_unchanged():

@@ -6,20 +6,22 @@ import pytest
 
 from conftest import run_lab
 
-from lab.compare import compare, loss_deviation
+from lab.compare import compare, loss_deviation, straddling
 from lab.recipe import load_recipe
 
 
-def make_run(root, name, losses, weights="w1", cpu="Xeon", lr=None):
+def make_run(root, name, losses, weights="w1", cpu="Xeon", lr=None, every=5, resumes=(), data="d1"):
     run = root / name
     run.mkdir(parents=True)
     recipe = load_recipe("identity-lora", [f"train.learning_rate={lr}"] if lr else [], hw="cpu", check_train=False)
     manifest = {"recipe": {"resolved": recipe.model_dump(mode="json", exclude={"source"})},
                 "environment": {"packages": {"torch": "2.13.0+cpu"}},
                 "hardware": {"backend": "cpu", "cpu": cpu, "devices": []},
-                "datasets": [{"rows_sha256": "d1"}],
-                "loss_curve": [[i * 5, v] for i, v in enumerate(losses, 1)],
+                "datasets": [{"rows_sha256": data}],
+                "loss_curve": [[i * every, v] for i, v in enumerate(losses, 1)],
                 "merged": {"weights_sha256": {"model.safetensors": weights}}}
+    if resumes:  # as Local.train records a RESUME=1
+        manifest["resumes"] = [{"checkpoint": f"checkpoint-{s}", "step": s} for s in resumes]
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run
 
@@ -56,10 +58,56 @@ def test_loss_deviation_compares_shared_steps_only():
     assert d["steps_compared"] == 1 and d["max_abs"] == 0.5 and d["max_rel"] == 0.5
 
 
+def test_only_the_logging_window_that_spans_a_resume_is_left_out():
+    logged = [[4, 2.0], [8, 1.5], [12, 1.2], [16, 1.0]]
+    # 5 and 6 fall inside (4, 8]; 12 was logged before its checkpoint; nothing is logged after 17
+    assert straddling(logged, [5, 6, 12, 17]) == {8}
+    assert straddling(logged, []) == set() and straddling([], [5]) == set()
+
+
+def test_a_resumed_run_is_compared_outside_the_window_around_its_resume(runs_dir):
+    # Logged every 4 steps; b was killed after checkpoint-5 and resumed there, so its step-8 log
+    # averages steps 6-8 only (the deviation `make compare` used to fail on). Its weights differ
+    # (as on a GPU, where runs are not bit-exact): the loss alone must judge it.
+    a = make_run(runs_dir, "a", [2.0, 1.5, 1.2, 1.0], every=4)
+    b = make_run(runs_dir, "b", [2.0, 1.225, 1.2, 1.0], every=4, weights="w2", resumes=[5])
+    r = compare(str(a), str(b))
+    assert r["resumed_at"] == {"a": [], "b": [5]}
+    assert r["loss"]["steps_skipped"] == [8] and r["loss"]["steps_compared"] == 3 and r["loss"]["max_abs"] == 0
+    assert [c["check"] for c in r["checks"] if not c["pass"]] == ["weights identical"]
+    # The same curves without the record: the step-8 window is compared, and fails.
+    c = make_run(runs_dir, "c", [2.0, 1.225, 1.2, 1.0], every=4, weights="w2")
+    r = compare(str(a), str(c))
+    assert r["loss"]["steps_skipped"] == [] and r["loss"]["max_abs"] == pytest.approx(0.275)
+    assert {"loss max abs deviation", "loss max rel deviation"} <= {x["check"] for x in r["checks"] if not x["pass"]}
+    # A deviation outside that window still fails; and a resume after the last full window moves
+    # the final-loss comparison to the last window both logged whole.
+    d = make_run(runs_dir, "d", [2.0, 1.225, 1.3, 1.0], every=4, weights="w2", resumes=[5])
+    assert not compare(str(a), str(d))["pass"]
+    e = make_run(runs_dir, "e", [2.0, 1.5, 1.2, 0.7], every=4, weights="w2", resumes=[14])
+    loss = compare(str(a), str(e))["loss"]
+    assert loss["steps_skipped"] == [16] and loss["final_a"] == loss["final_b"] == 1.2
+
+
+def test_identical_weights_from_the_same_data_pass_a_logged_loss_difference(runs_dir):
+    # A run resumed before the lab recorded resumes: the weights show it trained the same.
+    a = make_run(runs_dir, "a", [2.0, 1.5, 1.2, 1.0], every=4)
+    b = make_run(runs_dir, "b", [2.0, 1.225, 1.2, 1.0], every=4)
+    r = compare(str(a), str(b))
+    assert r["pass"] and r["weights_identical"] is True
+    judged = [c for c in r["checks"] if c.get("judged_by")]
+    assert {c["check"] for c in judged} == {"loss max abs deviation (judged by the identical weights)",
+                                            "loss max rel deviation (judged by the identical weights)"}
+    assert judged[0]["value"] == pytest.approx(0.275)  # the deviation is still reported
+    # identical weights from other data (a learning rate of 0 leaves every run at its base) do not
+    c = make_run(runs_dir, "c", [2.0, 1.225, 1.2, 1.0], every=4, data="d2")
+    assert not compare(str(a), str(c))["pass"]
+
+
 def test_cli_exit_codes(runs_dir):
     make_run(runs_dir, "a", [2.0, 1.0])
     make_run(runs_dir, "b", [2.0, 1.0])
-    make_run(runs_dir, "c", [2.0, 1.2])
+    make_run(runs_dir, "c", [2.0, 1.2], weights="w2")
     assert run_lab("compare", "a", "b").returncode == 0
     r = run_lab("compare", "a", "c")
     assert r.returncode == 1 and "FAIL  loss max abs deviation" in r.stdout
