@@ -342,15 +342,19 @@ def cmd_probe(args) -> int:
     The recipe is that of the run whose model the lab's server asked serves (found from the
     server's record: PORT=, BASE_URL= naming it, or the only one), else runs/latest's, else
     RECIPE= (default identity-lora). SET= goes on top of a run's recipe; RECIPE= replaces it on
-    purpose (SET= on top of that)."""
+    purpose (SET= on top of that). Against a run's server, template parity is checked too: the
+    server must render the run's parity.json conversations as the ids training used; drift exits 1."""
     from lab.probe import old_identity_of, probe, record_probe
 
-    run, why, _ = _asked_run(args)
+    run, why, served = _asked_run(args)
     recipe = _run_recipe(args, run, why)
     url = _url(args, recipe)
     # Leakage counts the recipe's base model's own persona too (the embedded model records one).
     runtime = _runtime(args, recipe)
     result = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe)))))
+    parity = _probe_parity(url, result["model"], run, recipe) if served else None
+    if parity is not None:
+        result["template_parity"] = parity
     for item in result["identity"] + result["controls"]:
         ok = item.get("hit", item.get("correct"))
         why_not = "" if ok else f"  ({'; '.join(item.get('reasons') or [])})"
@@ -359,10 +363,37 @@ def cmd_probe(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     recorded, entry = record_probe(result, url, recipe, runtime)
+    if parity is not None:
+        from lab import manifest
+
+        manifest.amend(recorded, "probes", entry["file"], template_parity=parity)
     if entry.get("agreement_with_merged") is not None:
         print(f"probe: runtime LoRA vs the merged model: {entry['agreement_with_merged']:.0%} of answers identical")
     print(f"probe: recorded in {recorded / 'manifest.json'}")
+    if parity is not None and parity["match"] is False:
+        print(f"probe: TEMPLATE DRIFT: {parity['problem']}. The server renders chats unlike training, so these "
+              f"answers do not show what {run.name} learned; serve its own model and recipe (`make serve "
+              f"RUN={run.name}`)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
+    """Template parity of the run's server, as e2e checks it; None (and why) when the run saved no samples."""
+    from lab.parity import parity_result
+    from lab.serve import auth_headers
+
+    if not (run / "parity.json").is_file():
+        print(f"probe: template parity not checked: {run.name} has no parity.json (trained by an older lab?)")
+        return None
+    parity = parity_result(url, model, run, auth_headers(recipe))
+    if parity["match"] is None:
+        print(f"probe: template parity not checked: {run / 'parity.json'} holds no conversation (each sampled "
+              "one reached train.max_length)")
+    elif parity["match"]:
+        print(f"probe: template parity: the server renders {parity['samples']} training conversations token for "
+              "token as training tokenized them")
+    return parity
 
 
 def cmd_load(args) -> int:

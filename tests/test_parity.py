@@ -56,3 +56,33 @@ def test_only_truncated_examples_give_no_sample(embedded_model, tmp_path):
     rows, tok = _rows(embedded_model, tmp_path, MAX_LENGTH, examples=long)
     assert parity_sample(rows, long, tok, max_length=MAX_LENGTH) == []
 
+
+def test_renderings_are_compared_with_the_trained_ids_and_the_servers_defaults(embedded_model, tmp_path):
+    """compare_renderings, with the model's own chat template rendering as a server renders it: request
+    kwargs over the server's defaults (vLLM's --default-chat-template-kwargs). The HTTP side against
+    real vLLM: tests/test_e2e.py."""
+    from lab.parity import compare_renderings
+
+    rows, tok = _rows(embedded_model, tmp_path, MAX_LENGTH)
+    samples = parity_sample(rows, EXAMPLES, tok, max_length=MAX_LENGTH)
+
+    def server(defaults):
+        def render(messages, kwargs, generation_prompt):
+            text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
+                                           **{**defaults, **kwargs})
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return render
+
+    assert compare_renderings(samples, server({"enable_thinking": False})) == \
+        {"samples": 4, "match": True, "problem": None}
+    # the requests carry training's kwargs, but a plain client gets the server's defaults: thinking on
+    drift = compare_renderings(samples, server({}))
+    assert drift["match"] is False and drift["problem"].startswith(
+        "template drift: with its default chat_template_kwargs the server renders prompt 0 unlike training")
+
+    def kwargs_ignored(messages, kwargs, generation_prompt):  # as a template without enable_thinking renders
+        return server({})(messages, {}, generation_prompt)
+
+    assert compare_renderings(samples, kwargs_ignored)["problem"].startswith(
+        "template drift: training rendered prompt 0 as")
+    assert compare_renderings([], server({})) == {"samples": 0, "match": None, "problem": None}
