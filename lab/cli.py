@@ -86,7 +86,7 @@ def _record_owner(state: dict, hw: str) -> Path | None:
 
 
 def _asked_run(args) -> tuple[Path | None, str, bool]:
-    """Whose recipe a client of the server (probe) uses: the run whose model the lab's server
+    """Whose recipe a client of the server (probe, ask, load) uses: the run whose model the lab's server
     that will be asked serves (True: it serves that run), else runs/latest, else none (the default recipe)."""
     from lab.runs import RUNS_DIR
     from lab.serve import port_of, server_state
@@ -326,9 +326,10 @@ def _url(args, recipe) -> str:
 
 
 def cmd_ask(args) -> int:
+    """One question to the server, with the recipe probe would judge it by (its chat_template_kwargs)."""
     from lab.probe import ask
 
-    recipe = _recipe(args)
+    recipe = _run_recipe(args, *_asked_run(args)[:2])
     r = ask(_url(args, recipe), args.question, recipe)
     print(r["answer"])
     if r["finish_reason"] != "stop":
@@ -399,7 +400,7 @@ def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
 def cmd_load(args) -> int:
     from lab.load import load
 
-    recipe = _recipe(args)
+    recipe = _run_recipe(args, *_asked_run(args)[:2])  # the server's own run's recipe, as for probe
     url = _url(args, recipe)
     print(f"load: {args.requests} requests, {args.concurrency} at a time, at most {args.time_limit:g} s, "
           f"against {url}", flush=True)
