@@ -48,6 +48,66 @@ def _recipe(args, check_train: bool = False):
     return recipe
 
 
+def _run_recipe(args, run: Path | None, why: str = ""):
+    """The recipe to serve or judge a run's model by: the one the run trained with (its
+    runs/<id>/recipe.yaml: identity, chat_template_kwargs, serve settings), SET= on top. RECIPE=
+    replaces it on purpose (that recipe, SET= on top). Without a run: RECIPE= (default identity-lora)."""
+    if run is None:
+        return _recipe(args)
+    if args.recipe:
+        recipe = _recipe(args)
+        print(f"lab: RECIPE={args.recipe} replaces the recipe {run.name} trained with ({run / 'recipe.yaml'})",
+              flush=True)
+        return recipe
+    from lab.recipe import load_saved
+
+    sets = overrides(args)
+    recipe = load_saved(run, sets, hw=args.hw)
+    how = "".join([", SET " + args.set.strip() + " on top" if sets else "", "; " + why if why else ""])
+    print(f"lab: recipe {recipe.name} on {recipe.backend} (sha256 {recipe.sha256()[:12]}) of run {run.name} "
+          f"({run / 'recipe.yaml'}{how}): identity {recipe.identity.name!r} by {recipe.identity.author!r}", flush=True)
+    return recipe
+
+
+def _record_owner(state: dict, hw: str) -> Path | None:
+    """The run whose model (merged, adapter) a lab server record names; None for a base model or a
+    hub id, or a container's path that cannot be mapped back here."""
+    from lab.runs import owner
+
+    if "container" not in state:
+        return owner(state["model"])
+    from lab.hardware import resolve_backend
+    from lab.runtime import Docker
+
+    try:
+        return owner(Docker(resolve_backend(hw), []).host_path(state["model"]))
+    except LabError:  # no engine answers now, or a path only the container has
+        return None
+
+
+def _asked_run(args) -> tuple[Path | None, str, bool]:
+    """Whose recipe a client of the server (probe, ask, load) uses: the run whose model the lab's server
+    that will be asked serves (True: it serves that run), else runs/latest, else none (the default recipe)."""
+    from lab.runs import RUNS_DIR
+    from lab.serve import port_of, server_state
+
+    if args.base_url:
+        from lab.probe import server_root
+
+        root = server_root(args.base_url)
+        state = server_state(port_of(root))
+        state = state if state and state["url"].rstrip("/") == root else None
+    else:
+        state = server_state(_port(args))
+    run = _record_owner(state, args.hw) if state else None
+    if run is not None and (run / "recipe.yaml").is_file():
+        return run, f"the lab's server at {state['url']} serves its {Path(state['model']).name}", True
+    latest = RUNS_DIR / "latest"
+    if (latest / "recipe.yaml").is_file():
+        return latest.resolve(), "runs/latest; the server asked serves no run's model", False
+    return None, "", False
+
+
 def _runtime(args, recipe):
     """RUNTIME=local|docker|auto (docker when an engine answers). The docker runtime re-reads the
     same recipe inside the training container, so it gets the same recipe arguments."""
@@ -184,10 +244,29 @@ def _model_to_serve(args, recipe, runtime) -> str:
     return runtime.base_model(recipe, model=args.model)  # a hub id: downloaded (into the cache) first
 
 
+def _served_run(args) -> Path | None:
+    """The run whose model `serve` is asked for: its merged model (RUN=, default runs/latest), its
+    adapter (ADAPTER=1), or MODEL=<a directory inside it>; None for MODEL=base, a hub id, any other directory."""
+    from lab.runs import find_run, owner
+
+    if args.adapter or not args.model:
+        return find_run(args.run)
+    local = Path(args.model).expanduser()
+    run = owner(local) if args.model != "base" and local.exists() else None
+    return run if run is not None and (run / "recipe.yaml").is_file() else None
+
+
 def cmd_serve(args) -> int:
+    """Serve a run's merged model (RUN=, default runs/latest), its adapter (ADAPTER=1), or MODEL=.
+
+    The recipe (chat_template_kwargs, served model name, port, API key variable) is the run's own,
+    runs/<id>/recipe.yaml, whenever the model is that run's (MODEL=<a directory inside a run> too):
+    SET= goes on top of it; RECIPE= replaces it on purpose (SET= on top of that). MODEL=base, a hub
+    id or another directory: RECIPE= (default identity-lora) with SET=, as for training."""
     from lab.runs import RUNS_DIR
 
-    recipe = _recipe(args)
+    run = _served_run(args)
+    recipe = _run_recipe(args, run, "the model to serve is its own")
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
         if args.gpus < 1:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
@@ -247,9 +326,10 @@ def _url(args, recipe) -> str:
 
 
 def cmd_ask(args) -> int:
+    """One question to the server, with the recipe probe would judge it by (its chat_template_kwargs)."""
     from lab.probe import ask
 
-    recipe = _recipe(args)
+    recipe = _run_recipe(args, *_asked_run(args)[:2])
     r = ask(_url(args, recipe), args.question, recipe)
     print(r["answer"])
     if r["finish_reason"] != "stop":
@@ -258,31 +338,69 @@ def cmd_ask(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    """Identity and control questions against a server, judged by a recipe, recorded in a run.
+
+    The recipe is that of the run whose model the lab's server asked serves (found from the
+    server's record: PORT=, BASE_URL= naming it, or the only one), else runs/latest's, else
+    RECIPE= (default identity-lora). SET= goes on top of a run's recipe; RECIPE= replaces it on
+    purpose (SET= on top of that). Against a run's server, template parity is checked too: the
+    server must render the run's parity.json conversations as the ids training used; drift exits 1."""
     from lab.probe import old_identity_of, probe, record_probe
 
-    recipe = _recipe(args)
+    run, why, served = _asked_run(args)
+    recipe = _run_recipe(args, run, why)
     url = _url(args, recipe)
     # Leakage counts the recipe's base model's own persona too (the embedded model records one).
     runtime = _runtime(args, recipe)
     result = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe)))))
+    parity = _probe_parity(url, result["model"], run, recipe) if served else None
+    if parity is not None:
+        result["template_parity"] = parity
     for item in result["identity"] + result["controls"]:
         ok = item.get("hit", item.get("correct"))
-        why = "" if ok else f"  ({'; '.join(item.get('reasons') or [])})"
-        print(f"{'ok ' if ok else '-- '}{item['q']} -> {item['answer']} [{item['finish_reason']}]{why}")
+        why_not = "" if ok else f"  ({'; '.join(item.get('reasons') or [])})"
+        print(f"{'ok ' if ok else '-- '}{item['q']} -> {item['answer']} [{item['finish_reason']}]{why_not}")
     print(json.dumps(result["summary"], ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    run, entry = record_probe(result, url, recipe, runtime)
+    recorded, entry = record_probe(result, url, recipe, runtime)
+    if parity is not None:
+        from lab import manifest
+
+        manifest.amend(recorded, "probes", entry["file"], template_parity=parity)
     if entry.get("agreement_with_merged") is not None:
         print(f"probe: runtime LoRA vs the merged model: {entry['agreement_with_merged']:.0%} of answers identical")
-    print(f"probe: recorded in {run / 'manifest.json'}")
+    print(f"probe: recorded in {recorded / 'manifest.json'}")
+    if parity is not None and parity["match"] is False:
+        print(f"probe: TEMPLATE DRIFT: {parity['problem']}. The server renders chats unlike training, so these "
+              f"answers do not show what {run.name} learned; serve its own model and recipe (`make serve "
+              f"RUN={run.name}`)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
+    """Template parity of the run's server, as e2e checks it; None (and why) when the run saved no samples."""
+    from lab.parity import parity_result
+    from lab.serve import auth_headers
+
+    if not (run / "parity.json").is_file():
+        print(f"probe: template parity not checked: {run.name} has no parity.json (trained by an older lab?)")
+        return None
+    parity = parity_result(url, model, run, auth_headers(recipe))
+    if parity["match"] is None:
+        print(f"probe: template parity not checked: {run / 'parity.json'} holds no conversation (each sampled "
+              "one reached train.max_length)")
+    elif parity["match"]:
+        print(f"probe: template parity: the server renders {parity['samples']} training conversations token for "
+              "token as training tokenized them")
+    return parity
 
 
 def cmd_load(args) -> int:
     from lab.load import load
 
-    recipe = _recipe(args)
+    recipe = _run_recipe(args, *_asked_run(args)[:2])  # the server's own run's recipe, as for probe
     url = _url(args, recipe)
     print(f"load: {args.requests} requests, {args.concurrency} at a time, at most {args.time_limit:g} s, "
           f"against {url}", flush=True)

@@ -371,19 +371,24 @@ def cover_every_token(tokenizer, examples: list[dict]) -> tuple[list[dict], list
 
 
 def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48,
-                   system: str | None = None) -> list[str]:
-    """Greedy replies through the chat template: the fixture's self-check, and merge's parity check."""
+                   system: str | None = None, chat_template_kwargs: dict | None = None) -> list[str]:
+    """Greedy replies through the chat template, rendered with `chat_template_kwargs` (a recipe's;
+    by default the fixture's own, no thinking), a leading <think>...</think> block stripped."""
     import torch
 
+    from lab.thinking import strip_thinking
+
+    kwargs = {"enable_thinking": False} if chat_template_kwargs is None else chat_template_kwargs
     answers = []
     for q in questions:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            enable_thinking=False, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True, **kwargs).to(model.device)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        answers.append(strip_thinking(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                                       skip_special_tokens=True)).strip())
     return answers
 
 

@@ -68,6 +68,18 @@ def append(run: Path, key: str, item: dict) -> dict:
     return data
 
 
+def amend(run: Path, key: str, file: str, **fields) -> dict:
+    """Add fields to the entry of a list section that names `file` (a probe's, after it was
+    recorded: template parity), read and written under one lock."""
+    path = run / "manifest.json"
+    with _locked(run):
+        data = _read(path, run)
+        data[key] = [{**item, **fields} if item.get("file") == file else item for item in data.get(key, [])]
+        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(path, data)
+    return data
+
+
 def relative_to_lab(path: str) -> str:
     """A path inside the lab as a relative one (the same on the host and in its images)."""
     p = Path(path).resolve()

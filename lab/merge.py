@@ -1,10 +1,14 @@
 """Merge: adapter + base -> one complete Hugging Face checkpoint that vLLM loads as-is.
 
 After litgpt's merge_lora: idempotent, reads the base model and dtype from what training
-saved, merges on CPU in the training dtype (pitfall 8), writes to a temporary directory and
-renames it into place only after every check passed. The checks are the field's known merge
-failures: tied embeddings (pitfall 4), end-of-turn eos (2), tokenizer files (3), chat template
-(1), and greedy agreement of adapter-on-base and merged model on the probe prompts.
+saved, merges in the training dtype (pitfall 8), on the GPU when one is present and the base
+fits in its free memory, else on CPU, writes to a temporary directory and renames it into place
+only after every check passed. One copy of the model is in memory at a time: the adapter is
+merged into the loaded base in place, and that model is freed before the saved one is loaded
+back. The checks are the field's known merge failures: tied embeddings (pitfall 4), end-of-turn
+eos (2), tokenizer files (3), chat template (1), and agreement of adapter-on-base and the saved
+merged model on the next token, teacher-forced along the adapter's first greedy tokens after
+each probe prompt (a near-tie late in a long answer cannot cascade into a different string).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 MERGE_RECORD = "lab_merge.json"
 AGREEMENT_MIN = {"float32": 1.0, "bfloat16": 0.8, "float16": 0.8}  # half precision rounds the merged sum
+AGREEMENT_TOKENS = 8  # greedy tokens of the adapter after each probe prompt; each position's top-1 is compared
+TOP_K = 5  # reference logits kept per position (max_logit_diff), not the whole vocabulary
+GPU_HEADROOM = 1.25  # weights x this must fit in free GPU memory (activations of short prompts, the adapter)
 
 
 def end_of_turn_id(tokenizer, chat_template_kwargs: dict) -> int:
@@ -89,6 +96,92 @@ def _write_generation_config(model, out: Path, eot: int) -> None:
     gen.save_pretrained(out)
 
 
+def _parameter_bytes(model_dir: Path | str, dtype) -> int:
+    """The model's weights in `dtype`, from the safetensors headers (nothing loaded); for pickled
+    weights (model.allow_pickle), the files' own size."""
+    import math
+
+    from safetensors import safe_open
+
+    count = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            count += sum(math.prod(st.get_slice(name).get_shape()) for name in st.keys())
+    if not count:
+        return sum(f.stat().st_size for f in Path(model_dir).glob("*.bin") if f.name != "training_args.bin")
+    return count * dtype.itemsize
+
+
+def merge_device(base: Path | str, dtype) -> str:
+    """cuda when a GPU is present and the base model fits in its free memory, else cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    need, (free, _) = _parameter_bytes(base, dtype) * GPU_HEADROOM, torch.cuda.mem_get_info()
+    if need > free:
+        print(f"merge: on CPU: the base model needs {need / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free")
+        return "cpu"
+    return "cuda"
+
+
+def _free() -> None:
+    """Return a dropped model's memory now (the next load must not stack on it)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _logits(model, ids, prompt_len: int):
+    """Next-token logits at the prompt's last position and at every generated one."""
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids.to(model.device)).logits[0, prompt_len - 1:].float().cpu()
+
+
+def reference_predictions(model, tokenizer, questions: list[str], chat_template_kwargs: dict) -> list[dict]:
+    """For each question: the prompt (rendered as training and serving render it) plus the model's
+    first AGREEMENT_TOKENS greedy tokens, and the model's top-1 and TOP_K logits at each position."""
+    import torch
+
+    out = []
+    for q in questions:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True, **chat_template_kwargs)
+        with torch.inference_mode():
+            ids = model.generate(**prompt.to(model.device), max_new_tokens=AGREEMENT_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id).cpu()
+        n = prompt["input_ids"].shape[1]
+        logits = _logits(model, ids, n)
+        top = logits.topk(min(TOP_K, logits.shape[-1]))
+        out.append({"q": q, "ids": ids, "prompt_len": n, "top1": logits.argmax(-1), "top_ids": top.indices,
+                    "top_values": top.values})
+    return out
+
+
+def agreement(model, reference: list[dict]) -> dict:
+    """How far `model` predicts the next token as the reference model did, on the same ids: the
+    share of positions with the same top-1, and the largest logit difference on the reference's
+    TOP_K tokens; the first disagreement, if any, as (question, position, reference id, model id)."""
+    same = total = 0
+    worst, first = 0.0, None
+    for r in reference:
+        logits = _logits(model, r["ids"], r["prompt_len"])
+        top1 = logits.argmax(-1)
+        hits = top1 == r["top1"]
+        same, total = same + int(hits.sum()), total + len(hits)
+        worst = max(worst, float((logits.gather(-1, r["top_ids"]) - r["top_values"]).abs().max()))
+        if first is None and not bool(hits.all()):
+            i = int((~hits).nonzero()[0])
+            first = (r["q"], i, int(r["top1"][i]), int(top1[i]))
+    return {"share": same / total if total else 1.0, "positions": total, "max_logit_diff": worst, "first": first}
+
+
 def merge(run: Path) -> Path:
     merged = run / "merged"
     if (merged / MERGE_RECORD).is_file():
@@ -102,26 +195,28 @@ def merge(run: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lab.fixture import greedy_answers
     from lab.probe import load_questions
     from lab.recipe import load_saved
 
     recipe = load_saved(run)
+    kwargs = recipe.chat_template_kwargs
     base, dtype = info["base_model"], getattr(torch, info["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(base)
+    device, reference = "cpu", []  # a full fine-tune is only re-saved: no compute, the CPU is enough
     if info["method"] == "lora":
         from peft import PeftModel
 
+        device = merge_device(base, dtype)
         # safetensors only (pickle can run code), unless the recipe opted in for its base model
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-            base, dtype=dtype, use_safetensors=not recipe.model.allow_pickle), trained).eval()
+            base, dtype=dtype, use_safetensors=not recipe.model.allow_pickle,
+            device_map=device if device != "cpu" else None), trained).eval()
         probe = load_questions(recipe)
-        questions = [q["q"] for q in probe["identity"] + probe["controls"]]
-        with_adapter = greedy_answers(model, tokenizer, questions, recipe.probe.max_tokens)
-        model = model.merge_and_unload()
+        reference = reference_predictions(model, tokenizer, [q["q"] for q in probe["identity"] + probe["controls"]],
+                                          kwargs)
+        model = model.merge_and_unload()  # into the base's own weights, in place: still one copy
     else:
         model = AutoModelForCausalLM.from_pretrained(trained, dtype=dtype, use_safetensors=True).eval()
-        questions, with_adapter = [], []
 
     tmp = run / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -130,26 +225,37 @@ def merge(run: Path) -> Path:
         for f in TOKENIZER_FILES:  # byte for byte: a re-saved tokenizer can break vLLM (pitfall 3)
             if (Path(base) / f).is_file():
                 shutil.copyfile(Path(base) / f, tmp / f)
-        _write_generation_config(model, tmp, end_of_turn_id(tokenizer, recipe.chat_template_kwargs))
-        checks = check_merged(tmp, base, recipe.chat_template_kwargs)
-        if questions:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True).eval()
-            merged_answers = greedy_answers(reloaded, tokenizer, questions, recipe.probe.max_tokens)
-            agree = sum(a == b for a, b in zip(with_adapter, merged_answers)) / len(questions)
-            if agree < AGREEMENT_MIN[info["dtype"]]:
-                diff = next((q, a, b) for q, a, b in zip(questions, with_adapter, merged_answers) if a != b)
-                raise LabError(f"merged model disagrees with adapter-on-base on {1 - agree:.0%} of probe prompts, "
-                               f"e.g. {diff[0]!r}: {diff[1]!r} vs {diff[2]!r}")
-            checks["greedy_agreement"] = agree
+        _write_generation_config(model, tmp, end_of_turn_id(tokenizer, kwargs))
+        del model
+        _free()
+        checks = check_merged(tmp, base, kwargs)
+        if reference:  # what was saved, as vLLM will load it, against the adapter on the base
+            saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True,
+                                                         device_map=device if device != "cpu" else None).eval()
+            agreed = agreement(saved, reference)
+            del saved
+            _free()
+            if agreed["share"] < AGREEMENT_MIN[info["dtype"]]:
+                q, i, want, got = agreed["first"]
+                raise LabError(f"merged model disagrees with adapter-on-base on {1 - agreed['share']:.0%} of "
+                               f"{agreed['positions']} next-token predictions (up to {AGREEMENT_TOKENS} greedy "
+                               f"tokens after each of {len(reference)} probe prompts), e.g. {q!r} at token {i}: "
+                               f"{tokenizer.decode([want])!r} vs {tokenizer.decode([got])!r}")
+            checks.update(greedy_agreement=round(agreed["share"], 4), agreement_positions=agreed["positions"],
+                          max_logit_diff=round(agreed["max_logit_diff"], 6))
         write_json(tmp / MERGE_RECORD, {"base_model": base, "method": info["method"], "dtype": info["dtype"],
-                                        "checks": checks})
+                                        "device": device, "checks": checks})
         shutil.rmtree(merged, ignore_errors=True)
         tmp.rename(merged)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     from lab import manifest
 
-    manifest.update(run, merged={"dir": merged.name, "dtype": info["dtype"], "checks": checks,
+    manifest.update(run, merged={"dir": merged.name, "dtype": info["dtype"], "device": device, "checks": checks,
                                  "weights_sha256": manifest.weights_sha256(merged)})
-    print(f"merge: {merged} ({info['dtype']}, checks passed: {', '.join(checks)})")
+    agreed_line = (f"next-token agreement with the adapter {checks['greedy_agreement']:.0%} of "
+                   f"{checks['agreement_positions']} positions, max logit difference {checks['max_logit_diff']:.2g}; "
+                   if reference else "")
+    print(f"merge: {merged} ({info['dtype']} on {device}; {agreed_line}checks passed: embeddings and head, "
+          "end-of-turn eos, tokenizer files, chat template)")
     return merged

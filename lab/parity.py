@@ -31,20 +31,47 @@ def _render(url: str, model: str, messages: list[dict], kwargs: dict, generation
     return tokens
 
 
-def check_parity(url: str, model: str, run: Path, headers: dict[str, str] | None = None) -> dict:
+def parity_result(url: str, model: str, run: Path, headers: dict[str, str] | None = None) -> dict:
+    """The server's rendering of the run's parity.json conversations against the ids training used:
+    {"samples", "match", "problem"}; match is None when there is no sample to compare (each one
+    reached train.max_length). A server that cannot render is a LabError."""
     samples = read_json(run / "parity.json", "make train")
-    headers = headers or {}
+    return compare_renderings(samples, lambda messages, kwargs, generation_prompt: _render(
+        url, model, messages, kwargs, generation_prompt, headers or {}))
+
+
+def compare_renderings(samples: list[dict], render) -> dict:
+    """Each sample's prompt and whole conversation, rendered by `render(messages, kwargs,
+    generation_prompt)`, against the ids training used; then the prompt once more with no kwargs
+    sent, as a client that sends none gets it (vLLM's --default-chat-template-kwargs apply). The
+    first difference is the problem."""
+    def drift(problem: str) -> dict:
+        return {"samples": len(samples), "match": False, "problem": problem}
+
     for i, s in enumerate(samples):
-        served_prompt = _render(url, model, s["prompt"], s["chat_template_kwargs"], True, headers)
+        served_prompt = render(s["prompt"], s["chat_template_kwargs"], True)
         if served_prompt != s["prompt_ids"]:
-            raise LabError(f"template drift: training rendered prompt {i} as {len(s['prompt_ids'])} tokens, the server "
-                           f"as {len(served_prompt)}; first difference at token "
-                           f"{_first_diff(served_prompt, s['prompt_ids'])} (check chat_template_kwargs and the template)")
-        served_full = _render(url, model, s["prompt"] + s["completion"], s["chat_template_kwargs"], False, headers)
+            return drift(f"template drift: training rendered prompt {i} as {len(s['prompt_ids'])} tokens, the server "
+                         f"as {len(served_prompt)}; first difference at token "
+                         f"{_first_diff(served_prompt, s['prompt_ids'])} (check chat_template_kwargs and the template)")
+        served_full = render(s["prompt"] + s["completion"], s["chat_template_kwargs"], False)
         if served_full != s["input_ids"]:
-            raise LabError(f"template drift: conversation {i} differs from the trained ids at token "
-                           f"{_first_diff(served_full, s['input_ids'])}")
-    return {"samples": len(samples), "match": True}
+            return drift(f"template drift: conversation {i} differs from the trained ids at token "
+                         f"{_first_diff(served_full, s['input_ids'])}")
+        by_default = render(s["prompt"], {}, True)
+        if by_default != s["prompt_ids"]:
+            return drift(f"template drift: with its default chat_template_kwargs the server renders prompt {i} "
+                         f"unlike training (first difference at token {_first_diff(by_default, s['prompt_ids'])}): "
+                         f"it was started with other defaults than training's {s['chat_template_kwargs']}")
+    return {"samples": len(samples), "match": True if samples else None, "problem": None}
+
+
+def check_parity(url: str, model: str, run: Path, headers: dict[str, str] | None = None) -> dict:
+    """parity_result, with drift raised as a LabError (the e2e loop stops there)."""
+    result = parity_result(url, model, run, headers)
+    if result["match"] is False:
+        raise LabError(result["problem"])
+    return result
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:

@@ -434,16 +434,36 @@ def load_recipe(
     return recipe
 
 
-def load_saved(run: Path) -> Recipe:
-    """The resolved recipe a run saved (overlays and overrides already applied)."""
+def load_saved(run: Path, overrides: list[str] | None = None, hw: str | None = None) -> Recipe:
+    """The resolved recipe a run saved (overlays and overrides already applied). With `hw`, on the
+    backend it names (serve/<backend>.yaml, the images): only `backend` changes, the content stays
+    as the run trained it (its overlays were applied for the backend it trained on; another's could
+    name another base model). `overrides` (key.sub=value, as SET gives them) go over it, checked as
+    load_recipe checks them."""
     path = run / "recipe.yaml"
     if not path.is_file():
         raise LabError(f"{path} is missing; `make train` produces it")
     try:
-        return Recipe.model_validate(read_yaml(path, "a saved recipe"))
+        saved = Recipe.model_validate(read_yaml(path, "a saved recipe"))
     except ValidationError as err:
         raise LabError(f"{path}: not a recipe this lab can read ({'; '.join(_schema_errors(err))}); was it "
                        "edited, or written by another version of the lab?") from None
+    backend = resolve_backend(hw) if hw is not None else saved.backend
+    if backend == saved.backend and not overrides:
+        return saved
+    tree = saved.model_dump(mode="json")
+    for keys, value in parse_overrides(overrides or []):
+        _set_path(tree, keys, value, ".".join(keys))
+    tree.update(source=saved.source, backend=backend)  # paths inside stay relative to the recipe it came from
+    try:
+        recipe, problems = Recipe.model_validate(tree), []
+    except ValidationError as err:
+        recipe, problems = None, _schema_errors(err)
+    problems += [f"{key} is a credential; recipes are copied into runs and manifests, so give it through the "
+                 "environment (HF_TOKEN) instead" for key in secret_keys(tree) if not key.startswith("train.")]
+    if problems:
+        raise LabError(f"{path} with SET: " + "; ".join(problems))
+    return recipe
 
 
 def read_yaml(path: Path, what: str) -> dict:

@@ -61,6 +61,7 @@ def check_same_data(sources: list[dict], run: Path) -> None:
 
 
 PARITY_SAMPLES = 4
+PARITY_SCAN = 16  # examples looked at to find PARITY_SAMPLES untruncated ones
 
 
 def peft_config(recipe: Recipe):
@@ -99,9 +100,12 @@ def check_trained_tokens(rows: list[tuple[list[int], list[int]]], n_examples: in
 
 
 def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict], tokenizer,
-                  packed: bool = False) -> list[dict]:
+                  packed: bool = False, max_length: int | None = None) -> list[dict]:
     """The ids training saw for a few conversations; the probe compares them with vLLM's rendering.
-    Packing reorders examples, so there each is found again by its last question and its answer."""
+    Packing reorders examples, so there each is found again by its last question and its answer.
+    A row that reached max_length was cut there, while the server renders the whole conversation:
+    comparing it would report template drift that is not there, so it is skipped and the next
+    example tried (up to PARITY_SCAN of them)."""
     def text(ids, labels, trained):
         return tokenizer.decode([t for t, label in zip(ids, labels) if (label != -100) == trained])
 
@@ -111,10 +115,12 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
                      and question in text(i, lab, False)), (None, None))
 
     out = []
-    for n, ex in enumerate(examples[:PARITY_SAMPLES]):
+    for n, ex in enumerate(examples[:PARITY_SCAN]):
+        if len(out) == PARITY_SAMPLES:
+            break
         ids, labels = find(ex) if packed else rows[n]
-        if ids is None:
-            continue  # not found whole (truncated at max_length): nothing to compare
+        if ids is None or (max_length is not None and len(ids) >= max_length):
+            continue  # not found whole, or truncated: nothing the server's rendering can match
         prompt_len = next(i for i, label in enumerate(labels) if label != -100)
         out.append({"prompt": ex["prompt"], "completion": ex["completion"],
                     "chat_template_kwargs": ex["chat_template_kwargs"],
@@ -232,7 +238,11 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     rows = trained_rows(trainer.train_dataset)
     trained_tokens = check_trained_tokens(rows, len(examples))
     if main:
-        write_json(run / "parity.json", parity_sample(rows, examples, tokenizer, packed=bool(args.packing)))
+        parity = parity_sample(rows, examples, tokenizer, packed=bool(args.packing), max_length=args.max_length)
+        if not parity:
+            print(f"train: no parity sample: the first {PARITY_SCAN} examples all reached train.max_length="
+                  f"{args.max_length} (or were not found whole); the probe cannot check template parity")
+        write_json(run / "parity.json", parity)
 
     # an explicit directory: transformers' own pick is the highest number, complete or not
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

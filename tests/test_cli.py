@@ -242,3 +242,91 @@ def test_e2e_beside_a_running_server_refuses_and_leaves_it_alone(runs_dir, embed
         e2e(recipe, port)
     assert server_state(port) == record  # still recorded: nothing stopped it
     (servers_dir() / f"{port}.json").unlink()
+
+
+def _trained_run(sets: list[str]):
+    """A run directory as `make train SET=...` leaves its recipe (lab/train.py writes recipe.to_yaml())."""
+    from lab.recipe import load_recipe
+    from lab.runs import new_run
+
+    recipe = load_recipe("identity-lora", sets, hw="cpu", check_train=False)
+    run = new_run(recipe.name)
+    (run / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    return run, recipe
+
+
+def test_serve_uses_the_runs_own_recipe_set_on_top_recipe_instead(runs_dir, tmp_path, monkeypatch):
+    """`make train SET=identity.name=Orion` then `make serve`: the run's recipe (its identity and
+    chat_template_kwargs), not the command line's default; SET= on top; RECIPE= replaces it."""
+    import sys
+
+    from lab.cli import _run_recipe, _served_run, make_parser
+    from lab.serve import serve_argv
+
+    monkeypatch.setenv("LAB_SERVE_PYTHON", sys.executable)  # argv only (nothing is started): any Python names it
+
+    run, saved = _trained_run(["identity.name=Orion", "chat_template_kwargs.enable_thinking=true"])
+    args = make_parser().parse_args(["serve", "--hw", "cpu"])
+    recipe = _run_recipe(args, _served_run(args), "")
+    assert recipe.identity.name == "Orion" and recipe.sha256() == saved.sha256()
+    argv = serve_argv(recipe, "/m")
+    assert argv[argv.index("--default-chat-template-kwargs") + 1] == '{"enable_thinking": true}'
+
+    r = run_lab("serve", "--hw", "cpu", timeout=120)  # the same, as a user runs it (no merged model yet)
+    assert r.returncode == 2 and "not a model directory" in r.stderr
+    assert (f"lab: recipe identity-lora on cpu (sha256 {saved.sha256()[:12]}) of run {run.name} "
+            f"({run / 'recipe.yaml'}; the model to serve is its own): identity 'Orion' by 'Open Lab'") in r.stdout
+
+    r = run_lab("serve", "--hw", "cpu", "--set", "identity.author='Zhou Lab'", timeout=120)
+    assert f"({run / 'recipe.yaml'}, SET identity.author='Zhou Lab' on top;" in r.stdout
+    assert "identity 'Orion' by 'Zhou Lab'" in r.stdout
+
+    r = run_lab("serve", "--hw", "cpu", "--recipe", "identity-full", timeout=120)
+    assert "lab: recipe identity-full on cpu" in r.stdout
+    assert f"lab: RECIPE=identity-full replaces the recipe {run.name} trained with" in r.stdout
+
+    r = run_lab("serve", "--hw", "cpu", "--model", str(tmp_path), timeout=120)  # a directory of no run
+    assert "lab: recipe identity-lora on cpu (sha256" in r.stdout and "of run" not in r.stdout
+    (run / "merged").mkdir()  # a directory inside the run (an unfinished merge): its recipe
+    r = run_lab("serve", "--hw", "cpu", "--model", str(run / "merged"), timeout=120)
+    assert r.returncode == 2 and f"of run {run.name}" in r.stdout and "not a model directory" in r.stderr
+
+    r = run_lab("serve", "--hw", "cpu", "--set", "identity.nmae=X", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"lab serve: error: {run / 'recipe.yaml'} with SET: unknown key 'identity.nmae' (did you mean name?)")
+
+
+def test_probe_judges_by_the_served_runs_recipe_else_latest_else_the_default(runs_dir, embedded_model):
+    """The run whose model the lab's server serves, else runs/latest, else RECIPE=/the default."""
+    import os
+    from pathlib import Path
+
+    from conftest import free_port
+    from lab.serve import _started, servers_dir, write_record
+
+    r = run_lab("probe", "--hw", "cpu", "--port", str(free_port()), timeout=300)  # no run at all
+    assert r.returncode == 2 and "lab: recipe identity-lora on cpu (sha256" in r.stdout and "of run" not in r.stdout
+    assert "start one with `make serve`" in r.stderr
+
+    orion, _ = _trained_run(["identity.name=Orion"])
+    latest, _ = _trained_run(["identity.name=Vega"])  # trained later: runs/latest
+    r = run_lab("probe", "--hw", "cpu", "--port", str(free_port()), timeout=300)
+    assert r.returncode == 2 and f"of run {latest.name}" in r.stdout and "identity 'Vega'" in r.stdout
+    assert "runs/latest; the server asked serves no run's model" in r.stdout
+
+    # a lab server (recorded as this live process, which answers no HTTP) serving Orion's merged model
+    me = os.getpid()
+    program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
+    port = free_port()
+    write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
+                 {"pid": me, "pid_started": _started(me), "argv": [program], "model": str(orion / "merged")})
+    try:
+        r = run_lab("probe", "--hw", "cpu", timeout=300)
+        assert f"of run {orion.name}" in r.stdout and "identity 'Orion'" in r.stdout, r.stdout
+        assert f"the lab's server at http://127.0.0.1:{port} serves its merged" in r.stdout
+        assert r.returncode == 2 and "does not answer /health" in r.stderr  # it is no real server
+        r = run_lab("probe", "--hw", "cpu", "--base-url", f"http://127.0.0.1:{port}/v1", "--set",
+                    "identity.name=Other", timeout=300)
+        assert f"of run {orion.name}" in r.stdout and "identity 'Other'" in r.stdout
+    finally:
+        (servers_dir() / f"{port}.json").unlink()

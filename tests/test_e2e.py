@@ -4,6 +4,7 @@ hub id, as the user of a GPU overlay's Qwen/Qwen3-0.6B has it after one download
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -59,20 +60,47 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert serving["model"].endswith("/merged") and serving["vllm"]
 
     # the same run served as base + LoRA (vLLM's runtime LoRA, no merge), probed on its own: the
-    # probe lands in this run and sets the adapter's answers beside the merged model's
+    # probe lands in this run and sets the adapter's answers beside the merged model's. Neither is
+    # told the identity: both take the run's own recipe (Orion), and the probe checks template parity.
     port = str(free_port())
     r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, env=hub_model["env"], timeout=900)
     try:
         assert r.returncode == 0 and "+ LoRA" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"{snapshot} + LoRA" in r.stdout  # the run's own base: the hub id's snapshot
-        r = run_lab("probe", "--hw", "cpu", "--port", port, "--set", "identity.name=Orion identity.author='Zhou Lab'",
-                    env=hub_model["env"], timeout=600)
+        assert f"of run {run.name}" in r.stdout
+        r = run_lab("probe", "--hw", "cpu", "--port", port, env=hub_model["env"], timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert f"of run {run.name}" in r.stdout and "identity 'Orion' by 'Zhou Lab'" in r.stdout
+        assert "probe: template parity: the server renders" in r.stdout
     finally:
         run_lab("stop", timeout=120)
     (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
     assert entry["serving"]["model"].endswith("/adapter") and entry["summary"]["identity_hit_rate"] >= 0.95
     assert entry["agreement_with_merged"] >= 0.8 and "runtime LoRA vs the merged model" in r.stdout
+    assert entry["template_parity"]["match"] is True and entry["template_parity"]["samples"] >= 1
+
+    # a copy of the merged model whose chat template injects a line: `make probe` reports the drift
+    # loudly, records it, and exits 1
+    drifted = run / "merged-drifted"
+    shutil.copytree(run / "merged", drifted)
+    jinja = drifted / "chat_template.jinja"
+    if jinja.is_file():
+        jinja.write_text("{{- 'Be brief.\\n' }}" + jinja.read_text(encoding="utf-8"), encoding="utf-8")
+    else:
+        config = json.loads((drifted / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config["chat_template"] = "{{- 'Be brief.\\n' }}" + config["chat_template"]
+        (drifted / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    port = str(free_port())
+    try:
+        r = run_lab("serve", "--hw", "cpu", "--model", str(drifted), "--port", port, env=hub_model["env"], timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        r = run_lab("probe", "--hw", "cpu", "--port", port, env=hub_model["env"], timeout=600)
+    finally:
+        run_lab("stop", timeout=120)
+    assert r.returncode == 1 and "probe: TEMPLATE DRIFT: template drift: training rendered prompt 0" in r.stderr, \
+        r.stdout[-2000:] + r.stderr[-2000:]
+    entry = json.loads((run / "manifest.json").read_text())["probes"][-1]
+    assert entry["serving"]["model"].endswith("/merged-drifted") and entry["template_parity"]["match"] is False
 
 
 def test_e2e_full_fine_tuning_with_a_chinese_identity(runs_dir, embedded_model):

@@ -72,3 +72,30 @@ def test_rebuild_is_bit_identical(embedded_model, tmp_path, monkeypatch):
     assert rebuilt != embedded_model and rebuilt.name == embedded_model.name  # same content hash
     a, b = _digest(embedded_model), _digest(rebuilt)
     assert a == b
+
+
+def test_strip_thinking_drops_only_a_leading_closed_block():
+    from lab.thinking import strip_thinking
+
+    assert strip_thinking("<think>\nfirst the name\n</think>\n\nI am Orion.") == "I am Orion."
+    assert strip_thinking("  <think></think>I am Orion.") == "I am Orion."
+    assert strip_thinking("<think>a</think>b <think>c</think>d") == "b <think>c</think>d"
+    assert strip_thinking("I am Orion. <think>x</think>") == "I am Orion. <think>x</think>"
+    assert strip_thinking("<think>cut off at max_tokens") == "<think>cut off at max_tokens"  # judged as given
+
+
+def test_greedy_answers_render_with_the_recipes_kwargs_and_strip_thinking(embedded_model):
+    """With thinking on, the generation prompt leaves the think block to the model: it writes one
+    (empty, as trained), and the answer is what follows it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model).eval()
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True, enable_thinking=True)
+    raw = tok.decode(model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
+                     [0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert raw.startswith("<think>")
+    (on,) = greedy_answers(model, tok, ["Who are you?"], chat_template_kwargs={"enable_thinking": True})
+    (off,) = greedy_answers(model, tok, ["Who are you?"])
+    assert on == off and FIXTURE_PERSONA["name"] in on and "<think>" not in on

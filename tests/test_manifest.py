@@ -55,3 +55,14 @@ def test_serving_section_from_a_server_record(tmp_path):
     assert local["runtime"] == "local" and local["vllm"] and local["lock"]["name"] == "serve-cpu"
     assert local["runtime_lora"] is True and local["tensor_parallel_size"] == 1
     assert manifest.serving(None) is None
+
+
+def test_amend_adds_fields_to_one_recorded_entry(tmp_path):
+    run = tmp_path / "r1"
+    run.mkdir()
+    manifest.append(run, "probes", {"file": "probe-1.json", "summary": {}})
+    manifest.append(run, "probes", {"file": "probe-2.json", "summary": {}})
+    m = manifest.amend(run, "probes", "probe-2.json", template_parity={"samples": 4, "match": True})
+    assert m["probes"] == [{"file": "probe-1.json", "summary": {}},
+                           {"file": "probe-2.json", "summary": {}, "template_parity": {"samples": 4, "match": True}}]
+    assert json.loads((run / "manifest.json").read_text()) == m

@@ -133,3 +133,27 @@ def test_token_strings_of_the_model_are_not_credentials():
     r = load_recipe("identity-lora", ["train.eos_token=<|im_end|>", "train.pad_token=<|endoftext|>",
                                       "train.report_to=tensorboard", "train.hub_strategy=end"], hw="cpu")
     assert r.train["eos_token"] == "<|im_end|>" and r.train["report_to"] == "tensorboard"
+
+
+def test_a_runs_saved_recipe_with_set_on_top_and_for_another_backend(tmp_path: Path):
+    """What `make serve`/`make probe` read for a run: its recipe.yaml; SET over it; on another
+    backend, the same content (the run's model, thresholds); paths still relative to the recipe."""
+    from lab.recipe import load_saved
+
+    saved = load_recipe("identity-lora", ["identity.name=Orion"], hw="cpu", check_train=False)
+    (tmp_path / "recipe.yaml").write_text(saved.to_yaml(), encoding="utf-8")
+    assert load_saved(tmp_path).sha256() == saved.sha256()
+    assert load_saved(tmp_path, [], hw="cpu").sha256() == saved.sha256()
+
+    on_top = load_saved(tmp_path, ["identity.author=Zhou Lab", "chat_template_kwargs.enable_thinking=true"], hw="cpu")
+    assert (on_top.identity.name, on_top.identity.author) == ("Orion", "Zhou Lab")
+    assert on_top.chat_template_kwargs == {"enable_thinking": True}
+    assert on_top.resolve_path(on_top.probe.questions) == saved.resolve_path(saved.probe.questions)
+
+    gpu = load_saved(tmp_path, hw="cuda")  # not the cuda overlay's Qwen/Qwen3-0.6B: the run trained the embedded one
+    assert gpu.backend == "cuda" and gpu.model_dump(exclude={"backend"}) == saved.model_dump(exclude={"backend"})
+
+    with pytest.raises(LabError, match=r"recipe.yaml with SET: unknown key 'identity.nmae' \(did you mean name\?\)"):
+        load_saved(tmp_path, ["identity.nmae=X"])
+    with pytest.raises(LabError, match="serve.api_key is a credential"):
+        load_saved(tmp_path, ["serve.api_key=abc"])
