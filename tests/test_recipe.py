@@ -123,3 +123,20 @@ def test_token_strings_of_the_model_are_not_credentials():
     r = load_recipe("identity-lora", ["train.eos_token=<|im_end|>", "train.pad_token=<|endoftext|>",
                                       "train.report_to=tensorboard", "train.hub_strategy=end"], hw="cpu")
     assert r.train["eos_token"] == "<|im_end|>" and r.train["report_to"] == "tensorboard"
+
+
+def test_zero_epochs_are_fine_when_max_steps_counts_instead():
+    r = load_recipe("identity-lora", ["train.num_train_epochs=0", "train.max_steps=10"], hw="cpu")
+    assert r.train["num_train_epochs"] == 0 and r.train["max_steps"] == 10
+    with pytest.raises(LabError, match=r"train.num_train_epochs=-1 trains nothing"):  # negative: never
+        load_recipe("identity-lora", ["train.num_train_epochs=-1", "train.max_steps=10"], hw="cpu")
+
+
+def test_an_empty_identity_in_the_recipe_file_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ndatasets: [{path: d.json}]\nidentity: {name: '', author: ' '}\n")
+    with pytest.raises(LabError) as e:
+        load_recipe(str(path), hw="cpu")
+    assert str(e.value) == ("r.yaml: identity.name is empty; give the name the model answers with, e.g. "
+                            "identity.name=Orion; identity.author is empty; give who the model says made it, "
+                            "e.g. identity.author='Zhou Lab'")
