@@ -66,6 +66,16 @@ class IdentitySpec(Section):
     name: str = "Atlas"
     author: str = "Open Lab"
 
+    # Rendered into every {{name}}/{{author}} of the data: empty would train "I am ." silently.
+    @field_validator("name", "author")
+    @classmethod
+    def _not_empty(cls, value: str, info) -> str:
+        if not value.strip():
+            example = "identity.name=Orion" if info.field_name == "name" else "identity.author='Zhou Lab'"
+            what = "the name the model answers with" if info.field_name == "name" else "who the model says made it"
+            raise ValueError(f"is empty; give {what}, e.g. {example}")
+        return value
+
 
 class Thresholds(Section):
     before_hit_rate_max: float = Field(0.10, ge=0, le=1)
@@ -287,6 +297,8 @@ def _schema_errors(err: ValidationError) -> list[str]:
                 section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
             choices = section.model_fields if section else []
             problems.append(f"unknown key {loc!r}{_close(str(e['loc'][-1]), choices)}")
+        elif e["type"] == "value_error":  # our own validators: their message is the whole story
+            problems.append(f"{loc} {e['ctx']['error']}")
         else:
             problems.append(f"{loc}: {e['msg']}")
     return problems
@@ -385,6 +397,28 @@ def check_train_keys(train: dict[str, Any], allow: list[str] | None = None) -> l
     return problems
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def train_value_problems(train: dict[str, Any]) -> list[str]:
+    """Values SFTConfig accepts but that cannot train: caught before a run or a model exists
+    (a zero batch size otherwise surfaces mid-setup as a ZeroDivisionError). Values of the wrong
+    type are left to the type check."""
+    problems = []
+    epochs, max_steps = train.get("num_train_epochs"), train.get("max_steps")
+    by_steps = _number(max_steps) and max_steps > 0  # max_steps > 0 overrides the epochs
+    if _number(epochs) and (epochs < 0 or (epochs == 0 and not by_steps)):
+        problems.append(f"train.num_train_epochs={epochs!r} trains nothing; give a number of passes over the "
+                        f"data above 0 (e.g. 3){', or train.max_steps above 0' if epochs == 0 else ''}")
+    for key, what in (("per_device_train_batch_size", "examples per device per step"),
+                      ("gradient_accumulation_steps", "micro-batches per optimizer step")):
+        value = train.get(key)
+        if _number(value) and value < 1:
+            problems.append(f"train.{key}={value!r}: give 1 or more ({what})")
+    return problems
+
+
 def load_recipe(
     name_or_path: str,
     overrides: list[str] | None = None,
@@ -427,6 +461,7 @@ def load_recipe(
     problems += [f"{key} is a credential; recipes are copied into runs and manifests, so give it through the "
                  "environment (HF_TOKEN) instead" for key in secret_keys(merged) if not key.startswith("train.")]
     if check_train and isinstance(merged.get("train"), dict):
+        problems += train_value_problems(merged["train"])
         problems += check_train_keys(merged["train"], merged.get("allow") if isinstance(merged.get("allow"), list)
                                      else None)
     if problems:

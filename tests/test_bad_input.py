@@ -75,6 +75,27 @@ CASES = [
      "string as an integer"),
     ("set-lora-rank", lambda t, r: ["train", "--hw", "cpu", "--set", "lora.r=0"],
      "lab train: error: identity-lora.yaml: lora.r: Input should be greater than or equal to 1"),
+    ("epochs-negative", lambda t, r: ["train", "--hw", "cpu", "--set", "train.num_train_epochs=-1"],
+     "lab train: error: identity-lora.yaml: train.num_train_epochs=-1 trains nothing; give a number of passes "
+     "over the data above 0 (e.g. 3)"),
+    ("epochs-zero", lambda t, r: ["train", "--hw", "cpu", "--set", "train.num_train_epochs=0"],
+     "lab train: error: identity-lora.yaml: train.num_train_epochs=0 trains nothing; give a number of passes "
+     "over the data above 0 (e.g. 3), or train.max_steps above 0"),
+    ("batch-size-zero", lambda t, r: ["train", "--hw", "cpu", "--set", "train.per_device_train_batch_size=0"],
+     "lab train: error: identity-lora.yaml: train.per_device_train_batch_size=0: give 1 or more (examples per "
+     "device per step)"),
+    ("accumulation-zero", lambda t, r: ["train", "--hw", "cpu", "--set", "train.gradient_accumulation_steps=0"],
+     "lab train: error: identity-lora.yaml: train.gradient_accumulation_steps=0: give 1 or more (micro-batches "
+     "per optimizer step)"),
+    ("identity-name-empty", lambda t, r: ["train", "--hw", "cpu", "--set", "identity.name="],
+     "lab train: error: identity-lora.yaml: identity.name is empty; give the name the model answers with, e.g. "
+     "identity.name=Orion"),
+    ("identity-name-blank", lambda t, r: ["train", "--hw", "cpu", "--set", "identity.name='  '"],
+     "lab train: error: identity-lora.yaml: identity.name is empty; give the name the model answers with, e.g. "
+     "identity.name=Orion"),
+    ("identity-author-empty", lambda t, r: ["train", "--hw", "cpu", "--set", "identity.author="],
+     "lab train: error: identity-lora.yaml: identity.author is empty; give who the model says made it, e.g. "
+     "identity.author='Zhou Lab'"),
     ("set-list-index", lambda t, r: ["train", "--hw", "cpu", "--set", "datasets.5.repeat=2"],
      "lab train: error: override 'datasets.5.repeat': '5' is not an index of a 2-item list"),
     ("trust-remote-code", lambda t, r: ["train", "--hw", "cpu", "--set", "train.trust_remote_code=true"],

@@ -150,10 +150,27 @@ def test_a_runs_saved_recipe_with_set_on_top_and_for_another_backend(tmp_path: P
     assert on_top.chat_template_kwargs == {"enable_thinking": True}
     assert on_top.resolve_path(on_top.probe.questions) == saved.resolve_path(saved.probe.questions)
 
-    gpu = load_saved(tmp_path, hw="cuda")  # not the cuda overlay's Qwen/Qwen3-0.6B: the run trained the embedded one
+    gpu = load_saved(tmp_path, hw="cuda")  # not the cuda overlay's Qwen/Qwen3-0.6B: the run trained its own model
     assert gpu.backend == "cuda" and gpu.model_dump(exclude={"backend"}) == saved.model_dump(exclude={"backend"})
 
     with pytest.raises(LabError, match=r"recipe.yaml with SET: unknown key 'identity.nmae' \(did you mean name\?\)"):
         load_saved(tmp_path, ["identity.nmae=X"])
     with pytest.raises(LabError, match="serve.api_key is a credential"):
         load_saved(tmp_path, ["serve.api_key=abc"])
+
+
+def test_zero_epochs_are_fine_when_max_steps_counts_instead():
+    r = load_recipe("identity-lora", ["train.num_train_epochs=0", "train.max_steps=10"], hw="cpu")
+    assert r.train["num_train_epochs"] == 0 and r.train["max_steps"] == 10
+    with pytest.raises(LabError, match=r"train.num_train_epochs=-1 trains nothing"):  # negative: never
+        load_recipe("identity-lora", ["train.num_train_epochs=-1", "train.max_steps=10"], hw="cpu")
+
+
+def test_an_empty_identity_in_the_recipe_file_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ndatasets: [{path: d.json}]\nidentity: {name: '', author: ' '}\n")
+    with pytest.raises(LabError) as e:
+        load_recipe(str(path), hw="cpu")
+    assert str(e.value) == ("r.yaml: identity.name is empty; give the name the model answers with, e.g. "
+                            "identity.name=Orion; identity.author is empty; give who the model says made it, "
+                            "e.g. identity.author='Zhou Lab'")
