@@ -345,18 +345,23 @@ def cmd_probe(args) -> int:
     RECIPE= (default identity-lora). SET= goes on top of a run's recipe; RECIPE= replaces it on
     purpose (SET= on top of that). Against a run's server, template parity is checked too: the
     server must render the run's parity.json conversations as the ids training used; drift exits 1."""
-    from lab.probe import old_identity_of, probe, record_probe
+    from lab.probe import old_identity_of, probe, record_probe, run_references
 
     run, why, served = _asked_run(args)
     recipe = _run_recipe(args, run, why)
     url = _url(args, recipe)
-    # Leakage counts the recipe's base model's own persona too (the embedded model records one).
+    # Leakage counts the base model's own persona too (the embedded model records one, a chat template
+    # may give one) and, for a run's server, every name the base gave itself in the run's first probe.
     runtime = _runtime(args, recipe)
-    result = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe)))))
+    before = run / "probe-before.json" if run else None
+    before = json.loads(before.read_text(encoding="utf-8")) if before and before.is_file() else None
+    old = old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe))), before)
+    # the identity data's answers as training wrote them into the run: the datasets are not read again
+    result = probe(url, recipe, old, run_references(run) if run else None)
     parity = _probe_parity(url, result["model"], run, recipe) if served else None
     if parity is not None:
         result["template_parity"] = parity
-    for item in result["identity"] + result["controls"]:
+    for item in result.get("persona", []) + result["identity"] + result["controls"]:
         ok = item.get("hit", item.get("correct"))
         why_not = "" if ok else f"  ({'; '.join(item.get('reasons') or [])})"
         print(f"{'ok ' if ok else '-- '}{item['q']} -> {item['answer']} [{item['finish_reason']}]{why_not}")

@@ -26,6 +26,7 @@ import yaml
 
 from lab.errors import LabError
 from lab.recipe import Recipe
+from lab.thinking import strip_thinking
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
@@ -132,15 +133,6 @@ GARBLED = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f]")
 # An old name right after a denial, in the same clause, is no claim: "No, I'm not ChatGPT, I am Atlas".
 DENIAL = re.compile(r"(\bnot\b|n't\b|\bnor\b|\bneither\b|不是|并非|而非|不叫|并不是)[^,.;!?，。；！？\n]{0,16}$",
                     re.IGNORECASE)
-THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
-
-
-def strip_thinking(text: str) -> str:
-    """An answer without a leading <think>...</think> block (Qwen3-style reasoning): the judge
-    reads what the model says, not how it got there. The raw text stays in the result."""
-    return THINK.sub("", text, count=1)
-
-
 def _wordy(ch: str) -> bool:
     """A letter or digit that joins a word in space-separated scripts (not a CJK character)."""
     return ch.isalnum() and not CJK.match(ch)

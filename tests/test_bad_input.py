@@ -200,7 +200,13 @@ CASES = [
                                        "Face model directory: config.json, tokenizer files, *.safetensors"),
     ("model-a-file", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                    recipe_file(t, f"model: {{path: {_write(t / 'm.bin', b'x')}}}\n", [GOOD_ROW])],
-     "lab train: error: model.path '{tmp}/m.bin' is a file; give a model directory or a hub id"),
+     "lab train: error: model.path '{tmp}/m.bin' is a file; give a model directory, a .gguf file or a hub id"),
+    ("model-gguf-missing", lambda t, r: ["train", "--hw", "cpu", "--set", f"model.path={t}/nope.gguf"],
+     "lab train: error: model.path '{tmp}/nope.gguf': no such GGUF file; check the path"),
+    ("model-gguf-not-gguf", lambda t, r: ["train", "--hw", "cpu", "--set",
+                                          f"model.path={_write(t / 'bad.gguf', b'not a gguf')}"],
+     "lab train: error: {tmp}/bad.gguf: not a GGUF model transformers can read ({tmp}/bad.gguf does not start "
+     "with the GGUF magic bytes, so it is not a GGUF file.)"),
     ("model-pickle-only", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                         recipe_file(t, "model: {path: %s}\n" % _model_dir(
                                             t, {"config.json": b"{}", "pytorch_model.bin": b"x"}), [GOOD_ROW])],

@@ -150,7 +150,7 @@ def result(hits, leaked=(), stops=None, correct=()):
     return {"identity": identity, "controls": controls, "summary": {
         "identity_hit_rate": sum(hits) / len(hits), "leakage_rate": (1 if leaked else 0) / len(hits),
         "stop_rate": sum(i["finish_reason"] == "stop" for i in items) / n,
-        "control_correct_rate": (sum(correct) / len(correct)) if correct else None}}
+        "control_correct_rate": (sum(correct) / len(correct)) if correct else None, "control_bleed_rate": 0.0}}
 
 
 def test_leakage_ignores_names_the_question_brought_up_denied_or_inside_the_new_name():
@@ -210,6 +210,8 @@ def test_verdict_passes_only_when_identity_changed_and_rest_kept():
                                                          correct=[True] * 5)),
         "control retention": (before, result([True] * 10, correct=[True] * 3 + [False] * 2)),
         "after old-identity leakage": (before, {**good, "summary": {**good["summary"], "leakage_rate": 0.3}}),
+        "after identity in general answers": (before, {**good, "summary": {**good["summary"],
+                                                                            "control_bleed_rate": 0.6}}),
     }
     for name, (b, a) in failing.items():
         bad = [c["check"] for c in verdict(b, a, r) if not c["pass"]]
