@@ -105,6 +105,20 @@ def test_resume_refuses_another_recipe_or_changed_data(fault_runs, tmp_path):
                                      "checkpoint was trained on the old rows: restore them, or start a new run")
 
 
+def test_compare_judges_the_resumed_run_by_its_loss_outside_the_resume_window(fault_runs):
+    from lab.compare import compare
+
+    runs_dir = fault_runs["dir"]
+    # one resume recorded (the refused ones above left no record), at a checkpoint the kill left
+    (resume,) = json.loads((runs_dir / "cut" / "manifest.json").read_text())["resumes"]
+    assert resume["step"] in fault_runs["killed_at"] and resume["checkpoint"] == f"checkpoint-{resume['step']}"
+    r = compare(str(runs_dir / "whole"), str(runs_dir / "cut"))
+    assert r["pass"] and r["weights_identical"] is True, r["checks"]
+    # logged every 4 steps: the window around a resume between two logs is the one left out
+    assert r["loss"]["steps_skipped"] == ([] if resume["step"] % 4 == 0 else [resume["step"] // 4 * 4 + 4])
+    assert r["loss"]["max_abs"] == 0 and not any(c.get("judged_by") for c in r["checks"])  # not excused by weights
+
+
 def test_a_killed_merge_leaves_nothing_a_server_would_pick_up(fault_runs):
     run = fault_runs["dir"] / "whole"
     proc = _popen_lab("merge", "--run", str(run), log=run.parent / "merge-kill.log")
