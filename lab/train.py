@@ -154,7 +154,8 @@ def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], setti
     shape = speed.model_shape(config, recipe.lora.r if recipe.method == "lora" else 0, recipe.lora.target_modules)
     return speed.plan(recipe.backend, shape, recipe.method, settings, speed.token_lengths(tokenizer, examples),
                       len(examples), recipe.model.attn_implementation, int(os.environ.get("WORLD_SIZE", "1")),
-                      half=dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")))
+                      half=dtype != "float32" or bool(settings.get("bf16") or settings.get("fp16")),
+                      masters=dtype == "float32")  # float32 weights under autocast (full fine-tuning)
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
