@@ -13,8 +13,9 @@ from conftest import ROOT, TINY, free_port, run_lab
 
 pytestmark = pytest.mark.slow
 # identity-lora's `models.embedded` overlay, for the embedded model published under a hub id
-EMBEDDED_SETTINGS = ("train.num_train_epochs=12 probe.thresholds.after_hit_rate_min=0.95 "
-                     "probe.thresholds.before_control_correct_min=0.95 probe.thresholds.control_retention_min=0.95")
+EMBEDDED_SETTINGS = ("datasets.1.repeat=1 train.num_train_epochs=12 train.learning_rate=1e-3 "
+                     "probe.thresholds.after_hit_rate_min=0.95 probe.thresholds.before_control_correct_min=0.95 "
+                     "probe.thresholds.control_retention_min=0.95")
 
 
 def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
