@@ -166,14 +166,21 @@ def cmd_train(args) -> int:
             return 0
         with stage(run, "train"):
             runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist)
-    except BaseException:
+    except BaseException as e:
         # A new run that failed before its first checkpoint holds nothing to resume: it goes, so
-        # it never looks like a result (and `latest` goes back). One with a checkpoint stays for RESUME=1.
+        # it never looks like a result (and `latest` goes back), its logs kept in runs/.failed/<run-id>/
+        # (the error line names them). One with a checkpoint stays for RESUME=1; a run whose loss
+        # diverged or went NaN removed its own checkpoints first (lab/train.py), so it goes too.
         if created and is_main_process() and not any((run / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            from lab.runs import discard_run
+            from lab.runs import discard_run, keep_failed_logs
 
+            try:
+                log = keep_failed_logs(run, e)
+            except OSError:  # a full disk, say: the run's own error is the one to report
+                log = None
             discard_run(run)
-            print(f"lab: removed {run.name} (it failed before its first checkpoint)")
+            print(f"lab: removed {run.name} (no checkpoint to resume from)"
+                  + (f"; its log: {log}" if log else ""), flush=True)
         raise
     manifest.update(run)  # picks up the stage's time
     print(f"lab: run directory {run}")
@@ -663,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as e:
-        print(f"lab {args.command}: interrupted{f' ({e.args[0]})' if e.args else ''}", file=sys.stderr)
+        log = f"; log: {e.lab_log}" if getattr(e, "lab_log", None) else ""  # a failed run's, kept in runs/.failed
+        print(f"lab {args.command}: interrupted{f' ({e.args[0]})' if e.args else ''}{log}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lab doctor --json | head`: the reader left; not an error of ours
         sys.stderr.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 
 class LabError(Exception):
@@ -27,7 +28,16 @@ def _first_line(e: BaseException) -> str:
 
 def explain(e: BaseException) -> tuple[str, int]:
     """(one line, exit status) for an exception that reached the CLI: 2 for what the user can fix,
-    70 (EX_SOFTWARE) for what looks like a bug in the lab."""
+    70 (EX_SOFTWARE) for what looks like a bug in the lab. The line names the log a failed run
+    left (`e.lab_log`, set by lab.runs.keep_failed_logs) unless it already does."""
+    line, status = _explain(e)
+    log = getattr(e, "lab_log", None)
+    if log is not None and str(log) not in line and str(Path(log).parent) not in line:
+        line += f"; log: {log}"
+    return line, status
+
+
+def _explain(e: BaseException) -> tuple[str, int]:
     if isinstance(e, LabError):
         return str(e), 2
     if isinstance(e, OSError):

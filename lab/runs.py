@@ -3,6 +3,9 @@
 Layout: recipe.yaml (resolved), data/train.jsonl, checkpoints/, adapter/ (or the full model),
 merged/, metrics.jsonl, parity.json, probe-*.json, timings.json, manifest.json, report.{md,json},
 loss.png.
+
+runs/.failed/<run-id>/ holds only the logs of a new run that failed before its first checkpoint
+(the run itself is removed); like every dot-entry of runs/ (.servers, .images) it is not a run.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import contextlib
 import json
 import os
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
-from lab.errors import LabError
+from lab.errors import LabError, explain
 
 RUNS_DIR = Path(os.environ.get("LAB_RUNS", Path(__file__).resolve().parent.parent / "runs"))
 
@@ -51,6 +55,48 @@ def discard_run(run: Path) -> None:
             _point_latest(remaining[-1])
 
 
+FAILED = ".failed"
+# What is worth reading after a failure: the logs (train.log of the docker and multi-process
+# runtimes, stderr logs), the loss curve, the recipe it ran, the stage times. Never weights or data.
+FAILED_KEEPS = ("*.log", "metrics.jsonl", "recipe.yaml", "timings.json")
+TRACEBACK_LINES = 40
+
+
+def keep_failed_logs(run: Path, error: BaseException) -> Path | None:
+    """Before a failed run is discarded: move its logs to runs/.failed/<run-id>/ and point the error
+    at them (its message, and `error.lab_log` for the CLI's one line). Kept when there is a log to
+    read, or when the error was unexpected: the local runtime writes no train.log, so the error line
+    and the traceback's tail become one. A LabError with nothing logged (a bad model path, missing
+    data) is the whole story in its one line: nothing is kept. Returns the log to read, or None."""
+    logs = [f for pattern in FAILED_KEEPS for f in sorted(run.glob(pattern)) if f.is_file()]
+    unexpected = isinstance(error, Exception) and not isinstance(error, LabError)  # not Ctrl-C either
+    if not (unexpected or any(f.suffix in (".log", ".jsonl") for f in logs)):
+        return None
+    root = RUNS_DIR / FAILED
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:  # a run name comes back when a run started in the same second failed before
+        dest = root / (run.name if n == 1 else f"{run.name}-{n}")
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    for f in logs:
+        f.replace(dest / f.name)  # a rename: runs/.failed is on the same file system as the run
+    log = dest / "train.log"
+    if unexpected and not log.exists():
+        lines = "".join(traceback.format_exception(error)).splitlines()
+        log.write_text(f"lab train: error: {explain(error)[0]}\n\n" + "\n".join(lines[-TRACEBACK_LINES:]) + "\n",
+                       encoding="utf-8")
+    if not log.exists():  # the loss curve of a diverged run, or another log
+        log = next(dest / f.name for f in logs if f.suffix in (".log", ".jsonl"))
+    if isinstance(error, LabError) and error.args:  # "see runs/<id>/train.log" -> where it is now
+        error.args = (str(error.args[0]).replace(str(run), str(dest)), *error.args[1:])
+    error.lab_log = log
+    return log
+
+
 def run_dir(ref: str) -> Path:
     """A run to train into, named by the caller (the docker runtime names the run it created)."""
     if ref.strip() in ("", ".", "..") or ".." in Path(ref).parts:
@@ -70,7 +116,7 @@ def owner(path: Path | str) -> Path | None:
     p, top = Path(path).resolve(), RUNS_DIR.resolve()
     if top in p.parents:
         run = top / p.relative_to(top).parts[0]
-        return run if run.is_dir() else None
+        return run if run.is_dir() and not run.name.startswith(".") else None  # .failed, .servers: no runs
     return None
 
 
@@ -85,9 +131,15 @@ def _point_latest(run: Path) -> None:
 def find_run(ref: str | None = None) -> Path:
     """A run by directory, by name under runs/, or `latest`."""
     ref = ref or "latest"
+    top = RUNS_DIR.resolve()
     for candidate in (Path(ref), RUNS_DIR / ref):
         if candidate.is_dir():
-            return candidate.resolve()
+            found = candidate.resolve()
+            if top in found.parents and found.relative_to(top).parts[0].startswith("."):
+                raise LabError(f"{ref!r} is not a run: runs/{found.relative_to(top).parts[0]} holds the lab's own "
+                               "files (.failed: the logs of runs that failed before their first checkpoint); "
+                               "give a run under runs/, or start one with `make train`")
+            return found
     raise LabError(f"run {ref!r} not found under {RUNS_DIR}; start one with `make train`")
 
 

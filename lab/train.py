@@ -128,6 +128,11 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
     return out
 
 
+class TrainingFailed(LabError):
+    """The loss went non-finite or diverged. The run's checkpoints hold those weights, and RESUME=1
+    keeps the recipe that made them, so they are removed with it (train())."""
+
+
 def stop_on_non_finite_loss():
     """A callback: a NaN or infinite loss ends the run with one line, before anything is saved as a
     result (known bf16 NaN bugs in some ROCm attention/BLAS builds: ../shared notes, rocm-gfx1151).
@@ -138,10 +143,59 @@ def stop_on_non_finite_loss():
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
-                raise LabError(f"training loss became {loss} at step {state.global_step}; no model was saved "
-                               "(try model.attn_implementation=eager, a lower train.learning_rate, or float32)")
+                raise TrainingFailed(f"training loss became {loss} at step {state.global_step}; no model was saved; "
+                                     "start a new run with model.attn_implementation=eager, a lower "
+                                     "train.learning_rate, or float32")
 
     return StopOnNonFiniteLoss()
+
+
+# A diverged run (a learning rate far too high, data on another scale) is judged on its logged
+# loss curve once training ends, by two rules, each with a margin above the batch-to-batch noise of
+# a healthy run:
+#   1. it ended above where it began: final > first + max(ENDED_ABOVE_REL * first, ENDED_ABOVE_ABS);
+#   2. it rose and stayed up: each of the last RISE_POINTS logged losses is above the lowest loss
+#      logged before them by more than max(RISE_REL * lowest, RISE_ABS).
+# A spike the run recovered from is not divergence; fewer than 2 logged losses are no curve. On the
+# shipped recipes' real curves on the embedded model (tests/test_divergence.py, logged every 5 steps
+# and every step), stopped at any point, the closest a healthy run comes is 0.80 of rule 1's bar and
+# 0.68 of rule 2's; train.learning_rate=1e12 ends at 2.1 times its first loss (3.6 -> 7.6).
+ENDED_ABOVE_REL, ENDED_ABOVE_ABS = 0.25, 0.1
+RISE_POINTS, RISE_REL, RISE_ABS = 3, 0.5, 0.1
+
+
+def divergence(curve: list[tuple[int, float]]) -> dict | None:
+    """(step, loss) pairs as logged -> {rule, step, loss, ref_step, ref_loss} of the divergence, or
+    None. Non-finite losses never get here (stop_on_non_finite_loss ends the run first)."""
+    if len(curve) < 2:
+        return None
+    (step0, first), (step, last) = curve[0], curve[-1]
+    if last > first + max(ENDED_ABOVE_REL * abs(first), ENDED_ABOVE_ABS):
+        return {"rule": "ended above its first", "step": step, "loss": last, "ref_step": step0, "ref_loss": first}
+    if len(curve) > RISE_POINTS:
+        ref_step, low = min(curve[:-RISE_POINTS], key=lambda p: p[1])
+        if all(loss > low + max(RISE_REL * abs(low), RISE_ABS) for _, loss in curve[-RISE_POINTS:]):
+            return {"rule": "rose and stayed up", "step": step, "loss": last, "ref_step": ref_step, "ref_loss": low}
+    return None
+
+
+def _short(x: float) -> str:
+    """1e12, 0.001, 2e-05: a number as a user types it."""
+    return f"{x:.4g}".replace("e+", "e")
+
+
+def divergence_message(d: dict, learning_rate: float) -> str:
+    if d["rule"] == "ended above its first":
+        what = (f"loss {_short(d['loss'])} at step {d['step']}, above its first logged {_short(d['ref_loss'])} "
+                f"(step {d['ref_step']})")
+    else:
+        what = (f"loss rose from its lowest {_short(d['ref_loss'])} (step {d['ref_step']}) and stayed up, to "
+                f"{_short(d['loss'])} at step {d['step']}")
+    return f"training diverged: {what}; lower train.learning_rate (now {_short(learning_rate)}) and start a new run"
+
+
+def write_metrics(run: Path, history: list[dict]) -> None:
+    write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
 
 
 def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict, dtype: str):
@@ -245,17 +299,30 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                   f"{args.max_length} (or were not found whole); the probe cannot check template parity")
         write_json(run / "parity.json", parity)
 
-    # an explicit directory: transformers' own pick is the highest number, complete or not
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        # an explicit directory: transformers' own pick is the highest number, complete or not
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        diverged = divergence([(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e])
+        if diverged:
+            raise TrainingFailed(f"{divergence_message(diverged, args.learning_rate)}; no model was saved (losses: "
+                                 f"{run / 'metrics.jsonl'})")
+    except TrainingFailed:
+        # Before anything is saved as a result. The checkpoints hold weights that diverged or went
+        # NaN, and RESUME=1 would only repeat them, so they go: a new run is then one that failed
+        # before its first checkpoint, removed by `lab train` with its loss curve kept in runs/.failed/.
+        if main:
+            import shutil
+
+            write_metrics(run, trainer.state.log_history)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
+    history = trainer.state.log_history
     out = run / ("adapter" if recipe.method == "lora" else "model")
     trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; rank 0 writes
     if not main:
         return out
-    history = trainer.state.log_history
     peak_gib = speed.peak_memory_gib(recipe.backend)
-    with (run / "metrics.jsonl").open("w", encoding="utf-8") as f:
-        for entry in history:
-            f.write(json.dumps(entry) + "\n")
+    write_metrics(run, history)
     losses = [e["loss"] for e in history if "loss" in e]
     write_json(run / "train.json", {
         "base_model": base, "method": recipe.method, "dtype": dtype, "output": out.name,
