@@ -3,7 +3,7 @@ divergence) on synthetic curves and on the shipped recipes' real ones, then the 
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 from lab.train import divergence, divergence_message
 
 
@@ -86,7 +86,7 @@ def test_a_diverged_run_fails_in_one_line_and_leaves_no_model(runs_dir, embedded
     kept in runs/.failed/, and `latest` points nowhere new."""
     import re
 
-    r = run_lab("train", "--hw", "cpu", "--set", "train.learning_rate=1e12 train.num_train_epochs=1 "
+    r = run_lab("train", "--hw", "cpu", "--set", f"{TINY} train.learning_rate=1e12 train.num_train_epochs=1 "
                 "train.logging_steps=2 train.disable_tqdm=true", timeout=900)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_lab
+from conftest import TINY, run_lab
 from lab.errors import LabError, explain
 
 
@@ -99,7 +99,7 @@ def test_a_failed_multi_process_train_names_its_kept_log(runs_dir, embedded_mode
     (runs_dir / "latest").symlink_to("earlier")
     bad = tmp_path / "accelerate.yaml"
     bad.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: NOT_A_TYPE\n")
-    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--dist", str(bad), timeout=600)
+    r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--dist", str(bad), "--set", TINY, timeout=600)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     [kept] = (runs_dir / ".failed").iterdir()
     assert r.stderr.strip() == f"lab train: error: distributed training exited with 1; see {kept / 'train.log'}"
