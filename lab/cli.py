@@ -352,10 +352,11 @@ def cmd_probe(args) -> int:
     RECIPE= (default identity-lora). SET= goes on top of a run's recipe; RECIPE= replaces it on
     purpose (SET= on top of that). Against a run's server, template parity is checked too: the
     server must render the run's parity.json conversations as the ids training used; drift exits 1."""
-    from lab.probe import old_identity_of, probe, record_probe, run_references
+    from lab.probe import load_questions, old_identity_of, probe, record_probe, run_references
 
     run, why, served = _asked_run(args)
     recipe = _run_recipe(args, run, why)
+    load_questions(recipe)  # a bad question file is one line before any model is built or fetched
     url = _url(args, recipe)
     # Leakage counts the base model's own persona too (the embedded model records one, a chat template
     # may give one) and, for a run's server, every name the base gave itself in the run's first probe.
