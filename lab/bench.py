@@ -1,11 +1,11 @@
 """Bench: three arms of TRL SFTTrainer in one process, on the same model shape and the same data,
 for LoRA and full fine-tuning: TRL's own defaults; the best hand-tuned TRL configuration (packing,
-no checkpointing, Liger and flex_attention where usable, 16 x 2048: ../shared/notes/platform.md);
+no checkpointing, Liger and flex_attention where usable, 16 x 2048: docs/platform.md);
 and the lab's speed plan (lab/speed.py, what `lab train` applies), for the same effective batch.
 
 The model is config-only (random weights of a named shape: a GPU host may have no weights
 yet); the data are synthetic token ids with the prompt masked, samples of 40-600 tokens as in
-../shared/tools/trl_baseline.py. Figures per arm: steady real (non-padding) tokens/s (after the
+make bench (docs/platform.md). Figures per arm: steady real (non-padding) tokens/s (after the
 first logging interval), MFU against the device's measured matmul peak, peak memory, final
 loss. Written to runs/bench-<time>.json. Speed is measured here, never asserted in tests.
 """

@@ -14,7 +14,7 @@ DEFAULTS: dict[str, dict] = {
     "cpu": {"train": {"use_cpu": True, "bf16": False}, "env": {}},
     # GPUs: bf16 or fp16 mixed precision is decided from the device (lab/capability.py).
     "cuda": {"train": {}, "env": {}},
-    # SDPA on gfx1151 needs AOTriton's experimental kernels (../shared notes: rocm-gfx1151).
+    # SDPA on gfx1151 needs AOTriton's experimental kernels (docs/platform.md: AMD gfx1151).
     "rocm": {"train": {}, "env": {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}},
 }
 
@@ -26,7 +26,7 @@ DEFAULTS: dict[str, dict] = {
 # scores (measured for SDPA on an H100; not on CPU, whose SDPA kernel takes the mask as it is).
 # `train`: SFTConfig keys as (value, why). Checkpointing and the micro-batch come from a memory
 # estimate, not from this table. The GPU rows follow the best hand-tuned TRL configuration measured
-# on an H100 (../shared/notes/platform.md): unverified by the lab on a GPU.
+# on an H100 (docs/platform.md): unverified by the lab on a GPU.
 GPU_TRAIN = {
     "optim": ("adamw_torch_fused", "fused AdamW: the same update in one kernel (+2 to +13% on an H100)"),
     # H100, LoRA: +17% steady tokens/s, but compiling took ~2 minutes (it pays after ~1,500 steps of
@@ -120,7 +120,7 @@ def kernel_usable(name: str, backend: str) -> bool:
 
 
 def amd_host(root: str = "/") -> dict | None:
-    """What an AMD GPU host needs beyond drivers (../shared notes: rocm-gfx1151): the kernel, how much
+    """What an AMD GPU host needs beyond drivers (docs/platform.md: AMD gfx1151): the kernel, how much
     memory the GPU may map (GTT; by default about half of RAM on an APU), and the device groups."""
     import platform
     from pathlib import Path

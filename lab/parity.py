@@ -1,4 +1,4 @@
-"""Template parity (pitfall 1): the ids training used must be the ids the server renders.
+"""Template parity (pitfall 1, docs/pitfalls.md): the ids training used must be the ids the server renders.
 
 train.py saved, for a few training conversations, the exact token ids TRL trained on. Here
 vLLM's own `/tokenize` renders the same messages with the same chat-template kwargs; any

@@ -101,7 +101,7 @@ def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool,
     cross-entropy), keep RMSNorm inputs in the model's dtype and recompute SwiGLU's activation.
     scores_len: an attention path that materialises each head's scores over rows of that length
     (SDPA given a packed-sequence mask on CUDA). Both from the H100 measurements in
-    ../shared/notes/platform.md; see docs/benchmarks.md.
+    docs/platform.md; see docs/benchmarks.md.
     """
     width = 2 if bf16 else 4  # activations: the compute dtype
     masters = masters and bf16 and method == "full"

@@ -135,7 +135,7 @@ class TrainingFailed(LabError):
 
 def stop_on_non_finite_loss():
     """A callback: a NaN or infinite loss ends the run with one line, before anything is saved as a
-    result (known bf16 NaN bugs in some ROCm attention/BLAS builds: ../shared notes, rocm-gfx1151).
+    result (known bf16 NaN bugs in some ROCm attention/BLAS builds: docs/platform.md).
     Built here because transformers is imported only once training starts."""
     from transformers import TrainerCallback
 

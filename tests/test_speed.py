@@ -104,7 +104,7 @@ def test_model_shape_counts_lora_parameters_exactly(shapes):
 QWEN_06B = speed.Shape(params=596_049_920, layers=28, hidden=1024, intermediate=3072, heads=16, q_dim=2048,
                        kv_dim=1024, vocab=151_936, lora_r=16, lora_params=10_092_544, lora_linears_per_layer=7)
 
-# Peak GiB measured on one H100 with plain TRL (../shared/notes/platform.md), Qwen3-0.6B shape, bf16
+# Peak GiB measured on one H100 with plain TRL (docs/platform.md), Qwen3-0.6B shape, bf16
 # weights (full fine-tuning too: no float32 masters):
 # (method, tokens per micro-batch, checkpointing, Liger, packed rows through SDPA's mask, measured).
 H100_PEAKS = [("lora", 8 * 600, True, False, 0, 2.0), ("lora", 8 * 1024, False, False, 1024, 21.4),
