@@ -267,9 +267,7 @@ def _says(answer: str, expect: str) -> bool:
             if form.isdigit():  # 7, not 17 or 1.7
                 if re.search(rf"(?<![\d.]){form}(?![\d]|\.\d)", answer):
                     return True
-            elif form.isascii() and re.search(rf"(?<![A-Za-z]){re.escape(form)}(?![A-Za-z])", answer, re.IGNORECASE):
-                return True
-            elif not form.isascii() and form in answer:
+            elif _mentions(answer, form):
                 return True
     return False
 
