@@ -73,6 +73,7 @@ TRAIN_ARGS = dict(
     num_train_epochs=1, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=0.05,
     per_device_train_batch_size=16, weight_decay=0.0, max_length=256, logging_steps=20,
     save_strategy="no", report_to="none", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+    bf16=False,  # TRL's SFTConfig defaults to bf16 autocast; emulated on CPUs without AVX512-BF16 (~10x slower)
 )
 EMBEDDING_INIT_STD = 0.1  # x sqrt(hidden 192): rows start at norm ~1.4
 TRAIN_THREADS = 2  # fixed, so the float reductions (and hence the weights) are the same everywhere

@@ -185,7 +185,8 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
 
         body = {"model": "lab", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 401
-        assert "Pebble" in make("ask", "Q=Who are you?")  # the embedded base model's own persona
+        # the default base is the real model (SmolLM2, resolved from its wheel in the container)
+        assert "Paris" in make("ask", "Q=What is the capital of France?")
     finally:
         make("stop")
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
