@@ -42,7 +42,7 @@ def images(engine):
 
 
 def test_images_run_as_their_non_root_user(images):
-    # one container per image: on CI's vfs storage each container costs a full copy of its image
+    # one container per image: on vfs storage (.ci/run's fallback) each container is a full copy of its image
     out = images.containers.run("lab-train:cpu", entrypoint=["sh", "-c", "id -u && python -m lab --help"],
                                 remove=True, network_mode="none").decode()
     uid, help_text = out.split("\n", 1)
