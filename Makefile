@@ -29,7 +29,7 @@ B       ?=
 RUNTIME ?=
 WHEELS  ?=
 # AMD GPU architecture (gfx1151, gfx942, ...): this host's, read from the amdgpu driver, unless set.
-GPU_ARCH ?= $(shell $(PYTHON) -c 'from lab.hardware import gpu_arch; print(gpu_arch()[0])' 2>/dev/null || echo gfx1151)
+GPU_ARCH ?= $(shell $(PYTHON) -c 'from lab.device.hardware import gpu_arch; print(gpu_arch()[0])' 2>/dev/null || echo gfx1151)
 CA_BUNDLE ?=
 LOCK    ?=
 # PyTorch's CPU wheels (requirements/torch-cpu.txt) come from their own index; set it empty to

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from lab import ROOT
 from lab.errors import LabError
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 LABEL = "org.lab.service"  # every container the lab starts carries it (cleanup finds them)
 RUNS_LABEL = "org.lab.runs"  # and the runs directory it belongs to: `make stop` sweeps only its own
@@ -366,11 +366,6 @@ def _pump_logs(container, log: Path, echo: bool) -> threading.Thread:
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     return thread
-
-
-def tail(container, n: int = 5) -> str:
-    lines = [ln for ln in container.logs(tail=200).decode(errors="replace").splitlines() if ln.strip()]
-    return " | ".join(lines[-n:])[-600:]
 
 
 def run(svc: dict, command: list[str], log: Path, labels: dict[str, str] | None = None) -> int:

@@ -76,7 +76,7 @@ async def _burst(url: str, model: str, questions: list[str], recipe: Recipe, hea
                     left = max(0.1, deadline - time.monotonic())
                     results.append(await asyncio.wait_for(_one(client, f"{url}/v1/chat/completions", body,
                                                                 stream=i % 2 == 1), left))
-                except asyncio.TimeoutError:  # still in flight at TIME_LIMIT: cut off, not failed
+                except TimeoutError:  # still in flight at TIME_LIMIT: cut off, not failed
                     results.append({"cut_off": True, "stream": i % 2 == 1})
                 except (httpx.HTTPError, httpx.StreamError, ValueError, KeyError, TypeError) as e:
                     results.append({"error": type(e).__name__, "stream": i % 2 == 1})
@@ -88,7 +88,7 @@ async def _burst(url: str, model: str, questions: list[str], recipe: Recipe, hea
 
 def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time_limit_s: float = 300.0,
          out_dir: Path | None = None) -> dict[str, Any]:
-    from lab.probe import client, load_questions, server_root, served_model
+    from lab.probe import client, load_questions, served_model, server_root
     from lab.runs import RUNS_DIR, write_json
     from lab.serve import auth_headers
 

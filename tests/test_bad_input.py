@@ -208,12 +208,12 @@ CASES = [
      "lab train: error: {tmp}/bad.gguf: not a GGUF model transformers can read ({tmp}/bad.gguf does not start "
      "with the GGUF magic bytes, so it is not a GGUF file.)"),
     ("model-pickle-only", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                        recipe_file(t, "model: {path: %s}\n" % _model_dir(
-                                            t, {"config.json": b"{}", "pytorch_model.bin": b"x"}), [GOOD_ROW])],
+                                        recipe_file(t, "model: {{path: {}}}\n".format(_model_dir(
+                                            t, {"config.json": b"{}", "pytorch_model.bin": b"x"})), [GOOD_ROW])],
       "lab train: error: model {tmp}/model has only pickle weights (pytorch_model.bin), which can run code "
       "when loaded; convert them to safetensors, or set model.allow_pickle=true if you trust the source"),
     ("model-no-weights", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                       recipe_file(t, "model: {path: %s}\n" % _model_dir(t, {"config.json": b"{}"}),
+                                       recipe_file(t, "model: {{path: {}}}\n".format(_model_dir(t, {"config.json": b"{}"})),
                                                    [GOOD_ROW])],
                                                     "lab train: error: model directory {tmp}/model has no weights (*.safetensors); was the download or "
                                                     "copy complete?"),

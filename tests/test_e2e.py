@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT, TINY, free_port, run_lab
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,17 @@ import sys
 
 import pytest
 
-from lab.probe import (identity_references, judge_control, judge_identity, leaked_names, old_identity_of,
-                       references_for, retention, similarity, verdict)
+from lab.probe import (
+    identity_references,
+    judge_control,
+    judge_identity,
+    leaked_names,
+    old_identity_of,
+    references_for,
+    retention,
+    similarity,
+    verdict,
+)
 from lab.recipe import load_recipe
 
 OLD = load_recipe("identity-lora", hw="cpu", check_train=False).probe.old_identity + ["Pebble", "Quarry Labs"]
@@ -144,7 +153,7 @@ def result(hits, leaked=(), stops=None, correct=()):
     controls = [{"q": f"c{i}", "correct": c, "finish_reason": "stop"} for i, c in enumerate(correct)]
     items = identity + controls
     if stops is not None:
-        for item, s in zip(items, stops):
+        for item, s in zip(items, stops, strict=False):
             item["finish_reason"] = "stop" if s else "length"
     n = len(items)
     return {"identity": identity, "controls": controls, "summary": {
@@ -245,7 +254,7 @@ def test_a_standalone_probe_lands_in_the_run_whose_model_is_served(runs_dir):
     from lab.probe import record_probe
     from lab.runs import write_json
     from lab.runtime import Local
-    from lab.serve import servers_dir
+    from lab.servers import servers_dir
 
     recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
     (runs_dir / "r1" / "merged").mkdir(parents=True)

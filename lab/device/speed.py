@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from lab.hardware import SPEED, attention_usable, kernel_usable
+from lab.device.hardware import SPEED, attention_usable, kernel_usable
 
 GiB = 2**30
 MIN_PACKED_STEPS = 50  # fewer optimizer updates than this and packing changes what is learned
@@ -95,7 +95,7 @@ def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool,
     """Peak training memory in bytes for `tokens` tokens per micro-batch: a breakdown.
 
     bf16: half-precision compute (bf16 or fp16 autocast). masters: full fine-tuning keeps float32
-    weights under that autocast (lab/capability.py; False: half-precision weights, model.dtype set
+    weights under that autocast (lab/device/capability.py; False: half-precision weights, model.dtype set
     so): 4 B weights + 4 B gradients + 8 B AdamW state per parameter, plus autocast's half copy of
     each weight, kept from forward to backward. liger: Liger's kernels keep no logits (fused linear
     cross-entropy), keep RMSNorm inputs in the model's dtype and recompute SwiGLU's activation.
