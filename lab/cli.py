@@ -271,7 +271,8 @@ def cmd_serve(args) -> int:
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
         if args.gpus < 1:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
-        recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
+        recipe = recipe.model_copy(
+            update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
     runtime = _runtime(args, recipe)
     adapter = None
     if args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
@@ -596,12 +597,15 @@ COMMANDS = {
         _flag("--time-limit", type=float, env=("TIME_LIMIT", 300), help="seconds at most")]),
     "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report",
             ("recipe", "runtime", "port"), []),
-    "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)", ("recipe",), [
+    "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)",
+                ("recipe",), [
         _flag("--out", default=None, help="also write {\"model\": DIR} as JSON here"),
-        _flag("--model", default=None, help="embedded, a model directory or a hub id (default: the recipe's model.path)"),
+        _flag("--model", default=None,
+              help="embedded, a model directory or a hub id (default: the recipe's model.path)"),
         _flag("--revision", default=None, help="hub revision: branch, tag or commit"),
         _flag("--allow-pickle", action="store_true", help="accept *.bin/*.pt weights (model.allow_pickle)")]),
-    "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks", ("hw",), [
+    "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks",
+               ("hw",), [
         _flag("--json", action="store_true", help="print it as JSON")]),
     "bench": (cmd_bench, "TRL's defaults, hand-tuned TRL and the lab's speed plan on a config-only model: "
                          "tok/s, MFU, memory, loss", ("hw",), [
@@ -623,7 +627,8 @@ COMMANDS = {
               help="which locks (default: every one in requirements/locks.yaml)"),
         _flag("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")]),
     "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances", (), [
-        _flag("a", nargs="?", env=("A",), help="run directory, name, or manifest.json (its recipe sets the tolerances)"),
+        _flag("a", nargs="?", env=("A",),
+              help="run directory, name, or manifest.json (its recipe sets the tolerances)"),
         _flag("b", nargs="?", env=("B",), help="the run to compare with it")]),
 }
 

@@ -62,7 +62,8 @@ def show(seen: dict) -> str:
     say = lines.append
     devices = "; ".join(f"{d['name']} ({d['arch']}, {d['memory_gib']} GiB)" for d in seen["devices"]) or "none"
     say(f"backend:   {seen['backend']} (torch {seen.get('torch', 'not installed')}, "
-        f"CUDA {seen.get('torch_cuda') or '-'}, HIP {seen.get('torch_hip') or '-'}, driver {seen.get('driver') or '-'})")
+        f"CUDA {seen.get('torch_cuda') or '-'}, HIP {seen.get('torch_hip') or '-'}, "
+        f"driver {seen.get('driver') or '-'})")
     say(f"devices:   {len(seen['devices'])}: {devices}")
     say(f"cpu:       {seen['cpu']}, {seen['cpu_count']} cores, {seen['memory_gib']} GiB")
     say("attention: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["attention"].items()))

@@ -69,9 +69,10 @@ def e2e(recipe: Recipe, port: int | None = None, runtime: Runtime | None = None)
 
     checks = verdict(before, after, recipe)
     report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})
-    manifest.update(run, runtime=runtime.name, serving=serving, probe={"before": before["summary"], "after": after["summary"],
-                                                      "template_parity": parity, "verdict": checks,
-                                                      "pass": report["pass"]})
+    manifest.update(run, runtime=runtime.name, serving=serving,
+                    probe={"before": before["summary"], "after": after["summary"],
+                           "template_parity": parity, "verdict": checks,
+                           "pass": report["pass"]})
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
     total = sum(report["timings_s"].values())

@@ -112,7 +112,8 @@ def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time
     report = {
         "url": url, "model": model, "concurrency": concurrency, "requests": total, "time_limit_s": time_limit_s,
         "sent": len(results), "completed": len(done), "errors": sum(errors.values()), "error_kinds": errors,
-        "cut_off": sum("cut_off" in r for r in results), "not_sent": total - len(results), "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
+        "cut_off": sum("cut_off" in r for r in results), "not_sent": total - len(results),
+        "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
         "latency_p50_s": _percentile(latencies, 50), "latency_p99_s": _percentile(latencies, 99),
         "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,

@@ -70,7 +70,8 @@ def check_merged(merged: Path, base: Path | str, chat_template_kwargs: dict) -> 
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     has_head = any(n.endswith("lm_head.weight") for n in names)
     if tied and has_head:
-        raise LabError(f"{merged}: config ties word embeddings but a separate lm_head was saved (trained head would be dropped)")
+        raise LabError(f"{merged}: config ties word embeddings but a separate lm_head was saved "
+                       "(trained head would be dropped)")
     if not tied and not has_head:
         raise LabError(f"{merged}: config unties word embeddings but no lm_head weight was saved")
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -222,7 +223,8 @@ def merge(run: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        for f in TOKENIZER_FILES:  # byte for byte: a re-saved tokenizer can break vLLM (docs/pitfalls.md: re-saved tokenizer)
+        # byte for byte: a re-saved tokenizer can break vLLM (docs/pitfalls.md: re-saved tokenizer)
+        for f in TOKENIZER_FILES:
             if (Path(base) / f).is_file():
                 shutil.copyfile(Path(base) / f, tmp / f)
         _write_generation_config(model, tmp, end_of_turn_id(tokenizer, kwargs))

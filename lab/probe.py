@@ -1,9 +1,9 @@
 """Probe: ask a served model who it is, and general questions, through the OpenAI API.
 
-Works against any OpenAI-compatible server (BASE_URL). Greedy and seeded (docs/pitfalls.md: sampling defaults), with a
-bounded max_tokens so a model that never learned to stop shows up as finish_reason=length
-(docs/pitfalls.md: end of turn never learned). Every answer is judged strictly, with its reasons recorded (judge_identity,
-judge_control), but on what it says, not on its wording, since a real model answers in its own
+Works against any OpenAI-compatible server (BASE_URL). Greedy and seeded (docs/pitfalls.md: sampling defaults), with
+a bounded max_tokens so a model that never learned to stop shows up as finish_reason=length
+(docs/pitfalls.md: end of turn never learned). Every answer is judged strictly, with its reasons recorded
+(judge_identity, judge_control), but on what it says, not on its wording, since a real model answers in its own
 words: an identity answer is a hit if it says what was asked (the new name, the new maker for
 maker questions), claims no old identity (the recipe's list, the base model's default persona
 and the names it gave itself before training), answers in the question's language and is
@@ -269,7 +269,8 @@ def _says(answer: str, expect: str) -> bool:
     return False
 
 
-def judge_control(answer: str, question: dict, identity_names: list[str], min_similarity: float = 0.0) -> dict[str, Any]:
+def judge_control(answer: str, question: dict, identity_names: list[str],
+                  min_similarity: float = 0.0) -> dict[str, Any]:
     """Whether a general-knowledge answer is right, and why not: it states the expected fact (any
     wording: "7 days" or "seven days"), brings in no identity name its reference lacks (the new
     identity leaking into general answers is damage), and answers in the question's language. A

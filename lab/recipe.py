@@ -37,7 +37,8 @@ class ModelSpec(Section):
     path: str = Field(EMBEDDED, description="local HF model dir, hub id, or 'embedded'")
     revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights while training and in merged/; auto: the device's best (lab/device/capability.py)")
+        "float32",
+        description="weights while training and in merged/; auto: the device's best (lab/device/capability.py)")
     allow_pickle: bool = Field(False, description="load *.bin/*.pt weights (pickle, which can run code) "
                                "when a model has no safetensors")
     attn_implementation: str = Field("auto", description="a transformers attn_implementation, or auto: the "
@@ -175,7 +176,8 @@ class Recipe(Section):
     def _numbers(cls, train: Any) -> Any:
         if not isinstance(train, dict):
             return train
-        return {k: _yaml_value(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v for k, v in train.items()}
+        return {k: _yaml_value(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v
+                for k, v in train.items()}
 
     # Filled by load_recipe, not by the YAML.
     source: str = ""

@@ -125,9 +125,11 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter:
     return [
         serve_python(), "-m", "vllm.entrypoints.openai.api_server",
         "--config", str(serve_config(recipe)),
-        "--model", str(model_dir), "--served-model-name", f"{s.served_model_name}-base" if adapter else s.served_model_name,
+        "--model", str(model_dir),
+        "--served-model-name", f"{s.served_model_name}-base" if adapter else s.served_model_name,
         "--host", s.host, "--port", str(port or s.port), "--seed", str(recipe.probe.seed),
-        # Same kwargs the training data were rendered with (docs/pitfalls.md: template drift); requests may still override.
+        # Same kwargs the training data were rendered with (docs/pitfalls.md: template drift);
+        # requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
         *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)),
     ]

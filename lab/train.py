@@ -55,7 +55,8 @@ def check_same_data(sources: list[dict], run: Path) -> None:
 
     started = read_json_file(path, "remove it to skip this check")
     # in order, by the rows' hash: a container sees the same files under other paths
-    changed = [now["path"] for then, now in zip(started, sources, strict=False) if then["rows_sha256"] != now["rows_sha256"]]
+    changed = [now["path"] for then, now in zip(started, sources, strict=False)
+               if then["rows_sha256"] != now["rows_sha256"]]
     if len(started) != len(sources) or changed:
         raise LabError(f"RESUME=1: dataset {(changed or [sources[-1]['path']])[0]} changed since {run.name} started; "
                        "the checkpoint was trained on the old rows: restore them, or start a new run")
