@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -135,6 +135,9 @@ reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inpu
 
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
 	$(LAB) compare
+
+lint: $(VENV)/train/.done  ## ruff over lab/ and tests/ (rules in pyproject.toml; ruff is pinned in requirements/dev.txt)
+	$(TRAIN_PY) -m ruff check lab tests
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=12 tests
