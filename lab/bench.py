@@ -199,6 +199,8 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
     backend = resolve_backend(hw)
     if steps < 8:
         raise LabError(f"STEPS={steps}: at least 8, so that steady state has two logging points")
+    if shape not in SHAPES:  # before the embedded model is built or found: a typo costs nothing
+        raise LabError(f"SHAPE={shape!r}: one of {', '.join(SHAPES)}")
     tokenizer = AutoTokenizer.from_pretrained(ensure_fixture())  # only its pad/eos ids matter
     cfg = model_config(shape, tokenizer)
     scale = min(1.0, cfg.max_position_embeddings / 1024)  # the embedded model has 512 positions
