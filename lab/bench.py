@@ -1,7 +1,7 @@
 """Bench: three arms of TRL SFTTrainer in one process, on the same model shape and the same data,
 for LoRA and full fine-tuning: TRL's own defaults; the best hand-tuned TRL configuration (packing,
 no checkpointing, Liger and flex_attention where usable, 16 x 2048: docs/platform.md);
-and the lab's speed plan (lab/speed.py, what `lab train` applies), for the same effective batch.
+and the lab's speed plan (lab/device/speed.py, what `lab train` applies), for the same effective batch.
 
 The model is config-only (random weights of a named shape: a GPU host may have no weights
 yet); the data are synthetic token ids with the prompt masked, samples of 40-600 tokens as in
@@ -12,15 +12,14 @@ loss. Written to runs/bench-<time>.json. Speed is measured here, never asserted 
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from datetime import datetime
 from pathlib import Path
 
+from lab.device.hardware import DEFAULTS, attention_usable, kernel_usable, resolve_backend
+from lab.device.speed import peak_memory_gib
 from lab.errors import LabError
-from lab.hardware import DEFAULTS, attention_usable, kernel_usable, resolve_backend
-from lab.speed import peak_memory_gib
 
 # Named shapes. "embedded" is the lab's own tiny model; the Qwen3-0.6B shape is the baseline's.
 SHAPES = {
@@ -74,7 +73,7 @@ def matmul_peak(device: str, dtype) -> float:
 
 def arms(backend: str, method: str, cfg, lengths: list[int], base: dict) -> dict[str, tuple[dict, str, dict | None]]:
     """name -> (SFTConfig settings, attn_implementation, the lab's plan record or None)."""
-    from lab import speed
+    from lab.device import speed
 
     # Every arm sees the same effective batch of 16 rows of up to 2048 tokens: same data, same
     # batches where they pack alike, so their loss curves can be compared step by step.
@@ -192,21 +191,24 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    from lab.device.hardware import host
     from lab.fixture import ensure_fixture
-    from lab.manifest import environment, hardware
+    from lab.manifest import environment
     from lab.runs import RUNS_DIR, write_json
 
     backend = resolve_backend(hw)
     if steps < 8:
         raise LabError(f"STEPS={steps}: at least 8, so that steady state has two logging points")
+    if shape not in SHAPES:  # before the embedded model is built or found: a typo costs nothing
+        raise LabError(f"SHAPE={shape!r}: one of {', '.join(SHAPES)}")
     tokenizer = AutoTokenizer.from_pretrained(ensure_fixture())  # only its pad/eos ids matter
     cfg = model_config(shape, tokenizer)
     scale = min(1.0, cfg.max_position_embeddings / 1024)  # the embedded model has 512 positions
     rows = synthetic_rows(4096 if backend != "cpu" else 512, cfg.vocab_size, scale)
     dataset = Dataset.from_list(rows)
     base = dict(DEFAULTS[backend]["train"])
-    if backend != "cpu":  # bf16 mixed precision where the GPU has it, else fp16 (lab/capability.py)
-        from lab.capability import detect, mixed_precision
+    if backend != "cpu":  # bf16 mixed precision where the GPU has it, else fp16 (lab/device/capability.py)
+        from lab.device.capability import detect, mixed_precision
 
         base.update(mixed_precision(detect(backend)))
     device = "cuda" if backend != "cpu" else "cpu"
@@ -227,7 +229,7 @@ def bench(shape: str = "embedded", hw: str = "auto", steps: int = 40, methods: t
                 r[f"loss_gap_vs_{ref['arm']}"] = loss_gap(r, ref)
     report = {"shape": shape, "backend": backend, "matmul_peak_tflops": round(peak / 1e12, 3),
               "peak_dtype": str(dtype).split(".")[-1], "results": results,
-              "hardware": hardware(backend), "environment": environment()}
+              "hardware": host(backend), "environment": environment()}
     out_dir = out_dir or RUNS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{shape}.json"

@@ -18,6 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from lab.device.hardware import BACKENDS
 from lab.errors import LabError, debug, explain
 
 DEFAULT_RECIPE = "identity-lora"
@@ -76,7 +77,7 @@ def _record_owner(state: dict, hw: str) -> Path | None:
 
     if "container" not in state:
         return owner(state["model"])
-    from lab.hardware import resolve_backend
+    from lab.device.hardware import resolve_backend
     from lab.runtime import Docker
 
     try:
@@ -89,7 +90,7 @@ def _asked_run(args) -> tuple[Path | None, str, bool]:
     """Whose recipe a client of the server (probe, ask, load) uses: the run whose model the lab's server
     that will be asked serves (True: it serves that run), else runs/latest, else none (the default recipe)."""
     from lab.runs import RUNS_DIR
-    from lab.serve import port_of, server_state
+    from lab.servers import port_of, server_state
 
     if args.base_url:
         from lab.probe import server_root
@@ -140,7 +141,7 @@ def cmd_fixture(args) -> int:
 
 def cmd_train(args) -> int:
     from lab import manifest
-    from lab.launch import config_file, is_main_process
+    from lab.device.launch import config_file, is_main_process
     from lab.recipe import load_saved
     from lab.runs import find_run, new_run, run_dir, stage
 
@@ -191,17 +192,10 @@ def _same_recipe(args, run: Path, saved) -> None:
     """RESUME=1 with RECIPE= or SET= is refused unless they resolve to the recipe the run started with."""
     if not (args.recipe or args.set):
         return
-    from lab.compare import flatten
-    from lab.recipe import load_recipe
+    from lab.recipe import check_resume, load_recipe
 
     given = load_recipe(args.recipe or str(run / "recipe.yaml"), overrides(args), hw=saved.backend, check_train=False)
-    if given.sha256() == saved.sha256():
-        return
-    a, b = (flatten(r.model_dump(mode="json", exclude={"source"})) for r in (saved, given))
-    key = next((k for k in sorted(a.keys() | b.keys()) if json.dumps(a.get(k)) != json.dumps(b.get(k))), None)
-    what = f" ({key}: {a.get(key)!r} -> {b.get(key)!r})" if key else ""
-    raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with, and RECIPE/SET differ from it"
-                   f"{what}; drop them, or start a new run")
+    check_resume(run, saved, given)
 
 
 def cmd_merge(args) -> int:
@@ -277,7 +271,8 @@ def cmd_serve(args) -> int:
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
         if args.gpus < 1:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
-        recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
+        recipe = recipe.model_copy(
+            update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
     runtime = _runtime(args, recipe)
     adapter = None
     if args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
@@ -303,7 +298,7 @@ def cmd_serve(args) -> int:
 def cmd_stop(args) -> int:
     """Stop the lab's servers (PORT=: that one), then any serving container of this checkout that
     lost its record (its lab command was killed), found by label."""
-    from lab.serve import records, stop
+    from lab.servers import records, stop
 
     stop(port=_port(args))
     if args.port:
@@ -322,9 +317,9 @@ def cmd_stop(args) -> int:
 
 
 def _url(args, recipe) -> str:
-    from lab.serve import base_url, running_url
-
     from lab.probe import server_root
+    from lab.serve import base_url
+    from lab.servers import running_url
 
     if args.base_url:
         return server_root(args.base_url)
@@ -436,32 +431,10 @@ def cmd_e2e(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from lab.hardware import doctor
+    from lab.doctor import doctor, show
 
     seen = doctor(args.hw)
-    if args.json:
-        print(json.dumps(seen, indent=2))
-        return 0
-    devices = "; ".join(f"{d['name']} ({d['arch']}, {d['memory_gib']} GiB)" for d in seen["devices"]) or "none"
-    print(f"backend:   {seen['backend']} (torch {seen.get('torch', 'not installed')}, "
-          f"CUDA {seen.get('torch_cuda') or '-'}, HIP {seen.get('torch_hip') or '-'}, driver {seen.get('driver') or '-'})")
-    print(f"devices:   {len(seen['devices'])}: {devices}")
-    print(f"cpu:       {seen['cpu']}, {seen['cpu_count']} cores, {seen['memory_gib']} GiB")
-    print("attention: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["attention"].items()))
-    print("kernels:   " + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in seen["kernels"].items()) or "-"))
-    print(f"free:      {seen['free_memory_gib'] if seen['free_memory_gib'] is not None else '-'} GiB "
-          "(what the speed plan sizes micro-batches and checkpointing against)")
-    if seen["gpu_problem"]:
-        print(f"no GPU:    {seen['gpu_problem']}")
-    print("decisions: " + ("; ".join(f"{d['setting']}={d['value']} ({d['why']})" for d in seen["decisions"])
-                           or ("none: no device" if seen["gpu_problem"] else "none")))
-    print(f"defaults:  {json.dumps(seen['defaults'])}")
-    print(f"speed:     {json.dumps(seen['speed'])}")
-    if seen["amd_host"]:
-        amd = seen["amd_host"]
-        print(f"amd host:  kernel {amd['kernel']}, GTT {amd['gtt_gib'] or '-'} GiB")
-        for note in amd["notes"]:
-            print(f"           {note}")
+    print(json.dumps(seen, indent=2) if args.json else show(seen))
     return 0
 
 
@@ -490,14 +463,14 @@ def cmd_bench(args) -> int:
 def cmd_images(args) -> int:
     """Build the training and serving images of one hardware from compose.yaml."""
     from lab import containers
-    from lab.hardware import resolve_backend
+    from lab.device.hardware import resolve_backend
     from lab.runs import RUNS_DIR
 
     hw = resolve_backend(args.hw)
     containers.prepare_context(args.wheels, args.ca_bundle)
     env = {}
     if hw == "rocm":  # torch's device wheels for this host's GPU (or GPU_ARCH)
-        from lab.hardware import gpu_arch
+        from lab.device.hardware import gpu_arch
 
         arch, why = gpu_arch()
         env["GPU_ARCH"] = arch
@@ -561,93 +534,113 @@ def _print_compare(r: dict) -> int:
     return 0 if r["pass"] else 1
 
 
+HW_HELP = "auto|" + "|".join(BACKENDS)
+
+
+def _flag(*names, **kw):
+    """One argparse argument, declared as data: (names, keyword arguments). `env=(NAME, default)`
+    and `env_flag=NAME` read the make variable LAB_ARG_NAME when the parser is built."""
+    return names, kw
+
+
+def _argument(kw: dict) -> dict:
+    kw = dict(kw)
+    if "env" in kw:
+        value = arg_env(*kw.pop("env"))
+        kw["default"] = value.split() if kw.pop("split", False) else value
+    if "env_flag" in kw:
+        kw["default"] = arg_flag(kw.pop("env_flag"))
+    return kw
+
+
+# Flags several commands share, declared once; each command below names the groups it takes.
+FLAG_GROUPS = {
+    "recipe": [
+        _flag("--recipe", env=("RECIPE",), help=f"recipe name under recipes/ or a path (default: {DEFAULT_RECIPE})"),
+        _flag("--hw", env=("HW", "auto"), help=HW_HELP),
+        _flag("--set", env=("SET", ""), help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"'),
+    ],
+    "hw": [_flag("--hw", env=("HW", "auto"), help=HW_HELP)],
+    "run": [_flag("--run", env=("RUN",), help="run directory or name (default: runs/latest; train: a new run)")],
+    "runtime": [_flag("--runtime", env=("RUNTIME",),
+                      help="local|docker|auto (default: $LAB_RUNTIME, else auto: docker when an engine answers)")],
+    "port": [_flag("--port", env=("PORT",), help="server port (default: the recipe's serve.port)")],
+    "endpoint": [_flag("--base-url", env=("BASE_URL",), help="any OpenAI-compatible server (default: the lab's)")],
+}
+
+# name: (function, help, shared flag groups, the command's own flags)
 COMMANDS = {
-    "fixture": (cmd_fixture, "build (or find) the embedded tiny chat model"),
-    "train": (cmd_train, "fine-tune with TRL SFTTrainer into runs/<run-id>/"),
-    "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)"),
-    "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health"),
-    "stop": (cmd_stop, "stop the server `serve` started"),
-    "ask": (cmd_ask, "ask the served model one question"),
-    "probe": (cmd_probe, "identity and control questions against a server"),
+    "fixture": (cmd_fixture, "build (or find) the embedded tiny chat model", (), [
+        _flag("--force", action="store_true", help="rebuild even if cached")]),
+    "train": (cmd_train, "fine-tune with TRL SFTTrainer into runs/<run-id>/", ("recipe", "run", "runtime"), [
+        _flag("--gpus", type=int, env=("GPUS", 1),
+              help="processes, one per device, through accelerate launch (CPU: gloo)"),
+        _flag("--dist", env=("DIST", "ddp"),
+              help="ddp|fsdp2|zero3 (recipes/accelerate/) or an accelerate config file"),
+        _flag("--resume", action="store_true", env_flag="RESUME", help="continue the run from its last checkpoint")]),
+    "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)", ("run", "runtime"), []),
+    "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health",
+              ("recipe", "run", "runtime", "port"), [
+        _flag("--adapter", action="store_true", env_flag="ADAPTER",
+              help="serve the run's base + LoRA adapter with vLLM's runtime LoRA (no merge)"),
+        _flag("--gpus", type=int, env=("GPUS",), help="GPUs one model is split over (vLLM --tensor-parallel-size)"),
+        _flag("--model", env=("MODEL",), help="model dir, hub id, or 'base' (default: the run's merged model)")]),
+    "stop": (cmd_stop, "stop the server `serve` started", ("port",), []),
+    "ask": (cmd_ask, "ask the served model one question", ("recipe", "port", "endpoint"), [
+        _flag("question", nargs="?", env=("Q", "Who are you?"))]),
+    "probe": (cmd_probe, "identity and control questions against a server", ("recipe", "runtime", "port", "endpoint"), [
+        _flag("--out", default=None, help="also write the full result as JSON here")]),
     "load": (cmd_load, "a bounded burst of concurrent chat requests (streamed and not): errors, p50/p99 latency, "
-                      "tokens/s"),
-    "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report"),
-    "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)"),
-    "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks"),
+                       "tokens/s", ("recipe", "port", "endpoint"), [
+        _flag("--concurrency", type=int, env=("CONCURRENCY", 32), help="requests in flight"),
+        _flag("--requests", type=int, env=("REQUESTS", 256), help="requests in all"),
+        _flag("--time-limit", type=float, env=("TIME_LIMIT", 300), help="seconds at most")]),
+    "e2e": (cmd_e2e, "the whole loop: probe base, train, merge, serve, probe again, report",
+            ("recipe", "runtime", "port"), []),
+    "resolve": (cmd_resolve, "print the local directory of the recipe's base model (fetching it if needed)",
+                ("recipe",), [
+        _flag("--out", default=None, help="also write {\"model\": DIR} as JSON here"),
+        _flag("--model", default=None,
+              help="embedded, a model directory or a hub id (default: the recipe's model.path)"),
+        _flag("--revision", default=None, help="hub revision: branch, tag or commit"),
+        _flag("--allow-pickle", action="store_true", help="accept *.bin/*.pt weights (model.allow_pickle)")]),
+    "doctor": (cmd_doctor, "what the lab sees: backend, devices, attention and kernels, the defaults HW= picks",
+               ("hw",), [
+        _flag("--json", action="store_true", help="print it as JSON")]),
     "bench": (cmd_bench, "TRL's defaults, hand-tuned TRL and the lab's speed plan on a config-only model: "
-                        "tok/s, MFU, memory, loss"),
-    "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)"),
-    "report": (cmd_report, "rewrite a run's report from its artifacts"),
-    "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare"),
-    "lock": (cmd_lock, "resolve requirements/lock/<env>.txt from the pins (requirements/locks.yaml) with uv"),
-    "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances"),
+                         "tok/s, MFU, memory, loss", ("hw",), [
+        _flag("--shape", env=("SHAPE", "embedded"), help="embedded|qwen3-0.6b (random weights of that shape)"),
+        _flag("--steps", type=int, env=("STEPS", 40), help="optimizer steps per arm"),
+        _flag("--method", default="both", choices=("both", "lora", "full")),
+        _flag("--profile", action="store_true", env_flag="PROFILE",
+              help="torch.profiler over 3 steady steps of each arm: the top operators by self time, in the JSON")]),
+    "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)", ("hw",), [
+        _flag("--role", default="all", choices=("all", "train", "serve")),
+        _flag("--no-cache", action="store_true", help="rebuild every layer"),
+        _flag("--wheels", env=("WHEELS",), help="a directory of wheels pip may use in the build (offline hosts)"),
+        _flag("--ca-bundle", env=("CA_BUNDLE",), help="extra CA certificates (PEM) for TLS-intercepting proxies")]),
+    "report": (cmd_report, "rewrite a run's report from its artifacts", ("run",), []),
+    "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare", ("runtime",), [
+        _flag("run", nargs="?", env=("RUN", "latest"), help="run directory, name, or its manifest.json")]),
+    "lock": (cmd_lock, "resolve requirements/lock/<env>.txt from the pins (requirements/locks.yaml) with uv", (), [
+        _flag("names", nargs="*", env=("LOCK", ""), split=True,
+              help="which locks (default: every one in requirements/locks.yaml)"),
+        _flag("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")]),
+    "compare": (cmd_compare, "two runs side by side from their manifests; fails past the recipe's tolerances", (), [
+        _flag("a", nargs="?", env=("A",),
+              help="run directory, name, or manifest.json (its recipe sets the tolerances)"),
+        _flag("b", nargs="?", env=("B",), help="the run to compare with it")]),
 }
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (func, help_text) in COMMANDS.items():
+    for name, (func, help_text, groups, own) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        if name in ("train", "serve", "ask", "probe", "e2e", "resolve", "load"):
-            p.add_argument("--recipe", default=arg_env("RECIPE"), help=f"recipe name under recipes/ or a path "
-                                                                        f"(default: {DEFAULT_RECIPE})")
-            p.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
-            p.add_argument("--set", default=arg_env("SET", ""), help='overrides, e.g. "identity.name=Orion identity.author=\'Zhou Lab\'"')
-        if name in ("train", "merge", "serve", "report"):
-            p.add_argument("--run", default=arg_env("RUN"), help="run directory or name (default: runs/latest; "
-                                                       "train: a new run)")
-        if name in ("train", "merge", "serve", "probe", "e2e", "reproduce"):
-            p.add_argument("--runtime", default=arg_env("RUNTIME"), help="local|docker|auto (default: $LAB_RUNTIME, else auto: "
-                                                           "docker when an engine answers)")
-        if name in ("serve", "ask", "probe", "e2e", "stop", "load"):
-            p.add_argument("--port", default=arg_env("PORT"), help="server port (default: the recipe's serve.port)")
-        if name in ("ask", "probe", "load"):
-            p.add_argument("--base-url", default=arg_env("BASE_URL"), help="any OpenAI-compatible server (default: the lab's)")
-    sub.choices["fixture"].add_argument("--force", action="store_true", help="rebuild even if cached")
-    sub.choices["train"].add_argument("--gpus", type=int, default=arg_env("GPUS", 1), help="processes, one per device, through "
-                                                                          "accelerate launch (CPU: gloo)")
-    sub.choices["train"].add_argument("--dist", default=arg_env("DIST", "ddp"), help="ddp|fsdp2|zero3 (recipes/accelerate/) or an "
-                                                                    "accelerate config file")
-    sub.choices["train"].add_argument("--resume", action="store_true", default=arg_flag("RESUME"), help="continue the run from its last checkpoint")
-    sub.choices["serve"].add_argument("--adapter", action="store_true", default=arg_flag("ADAPTER"), help="serve the run's base + LoRA adapter "
-                                                                           "with vLLM's runtime LoRA (no merge)")
-    sub.choices["serve"].add_argument("--gpus", type=int, default=arg_env("GPUS"), help="GPUs one model is split over "
-                                                                        "(vLLM --tensor-parallel-size)")
-    sub.choices["serve"].add_argument("--model", default=arg_env("MODEL"), help="model dir, hub id, or 'base' (default: the run's merged model)")
-    sub.choices["ask"].add_argument("question", nargs="?", default=arg_env("Q", "Who are you?"))
-    sub.choices["reproduce"].add_argument("run", nargs="?", default=arg_env("RUN", "latest"), help="run directory, name, or its manifest.json")
-    sub.choices["compare"].add_argument("a", nargs="?", default=arg_env("A"), help="run directory, name, or manifest.json (its recipe sets the tolerances)")
-    sub.choices["compare"].add_argument("b", nargs="?", default=arg_env("B"), help="the run to compare with it")
-    bench_p = sub.choices["bench"]
-    bench_p.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
-    bench_p.add_argument("--shape", default=arg_env("SHAPE", "embedded"), help="embedded|qwen3-0.6b (random weights of that shape)")
-    bench_p.add_argument("--steps", type=int, default=arg_env("STEPS", 40), help="optimizer steps per arm")
-    bench_p.add_argument("--method", default="both", choices=("both", "lora", "full"))
-    bench_p.add_argument("--profile", action="store_true", default=arg_flag("PROFILE"), help="torch.profiler over 3 steady steps of each arm: "
-                                                                "the top operators by self time, in the JSON")
-    sub.choices["doctor"].add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
-    sub.choices["doctor"].add_argument("--json", action="store_true", help="print it as JSON")
-    sub.choices["lock"].add_argument("names", nargs="*", default=arg_env("LOCK", "").split(), help="which locks (default: every one in requirements/locks.yaml)")
-    sub.choices["lock"].add_argument("--check", action="store_true", help="write nothing; exit 1 if a lock is out of date")
-    sub.choices["resolve"].add_argument("--out", default=None, help="also write {\"model\": DIR} as JSON here")
-    sub.choices["resolve"].add_argument("--model", default=None, help="embedded, a model directory or a hub id "
-                                                                      "(default: the recipe's model.path)")
-    sub.choices["resolve"].add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
-    sub.choices["resolve"].add_argument("--allow-pickle", action="store_true", help="accept *.bin/*.pt weights "
-                                                                                   "(model.allow_pickle)")
-    images = sub.choices["images"]
-    images.add_argument("--hw", default=arg_env("HW", "auto"), help="auto|cpu|cuda|rocm")
-    images.add_argument("--role", default="all", choices=("all", "train", "serve"))
-    images.add_argument("--no-cache", action="store_true", help="rebuild every layer")
-    images.add_argument("--wheels", default=arg_env("WHEELS"), help="a directory of wheels pip may use in the build (offline hosts)")
-    images.add_argument("--ca-bundle", default=arg_env("CA_BUNDLE"), help="extra CA certificates (PEM) for TLS-intercepting proxies")
-    load_p = sub.choices["load"]
-    load_p.add_argument("--concurrency", type=int, default=arg_env("CONCURRENCY", 32), help="requests in flight")
-    load_p.add_argument("--requests", type=int, default=arg_env("REQUESTS", 256), help="requests in all")
-    load_p.add_argument("--time-limit", type=float, default=arg_env("TIME_LIMIT", 300), help="seconds at most")
-    sub.choices["probe"].add_argument("--out", default=None, help="also write the full result as JSON here")
+        for names, kw in [flag for group in groups for flag in FLAG_GROUPS[group]] + own:
+            p.add_argument(*names, **_argument(kw))
     return parser
 
 

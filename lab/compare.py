@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.recipe import Tolerances
+from lab.recipe import Tolerances, flatten
 from lab.runs import find_run, read_json_file, write_json
 
 
@@ -27,15 +27,6 @@ def load(ref: str) -> tuple[Path, dict]:
     if not manifest.is_file():
         raise LabError(f"{manifest} is missing; runs made by `make train` or `make e2e` write one")
     return run, read_json_file(manifest, "rerun the run, or restore the file")
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
 
 
 def differences(a: dict, b: dict) -> list[dict]:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from lab import ROOT
 from lab.errors import LabError
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
 LABEL = "org.lab.service"  # every container the lab starts carries it (cleanup finds them)
 RUNS_LABEL = "org.lab.runs"  # and the runs directory it belongs to: `make stop` sweeps only its own
@@ -212,13 +212,15 @@ def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None 
     gpus = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
     if gpus:
         kw["device_requests"] = [
-            docker.types.DeviceRequest(driver=d.get("driver", ""), count=-1 if d.get("count") == "all" else int(d.get("count", -1)),
+            docker.types.DeviceRequest(driver=d.get("driver", ""),
+                                       count=-1 if d.get("count") == "all" else int(d.get("count", -1)),
                                        device_ids=d.get("device_ids"), capabilities=[list(d.get("capabilities") or [])])
             for d in gpus]
     check = svc.get("healthcheck")
     if check:
         kw["healthcheck"] = {"test": check["test"], "interval": _duration_ns(check.get("interval", "30s")),
-                             "timeout": _duration_ns(check.get("timeout", "30s")), "retries": int(check.get("retries", 3)),
+                             "timeout": _duration_ns(check.get("timeout", "30s")),
+                             "retries": int(check.get("retries", 3)),
                              "start_period": _duration_ns(check.get("start_period", "0s"))}
     if network:
         kw["network_mode"] = network
@@ -238,13 +240,15 @@ def client(timeout: int = 600):
     try:
         import docker
     except ImportError:
-        raise LabError("RUNTIME=docker needs the Docker SDK for Python (`pip install docker`, in requirements/harness.txt)") from None
+        raise LabError("RUNTIME=docker needs the Docker SDK for Python "
+                       "(`pip install docker`, in requirements/harness.txt)") from None
     try:
         c = docker.from_env(timeout=timeout)
         c.ping()
         return c
     except docker.errors.DockerException as e:
-        raise LabError(f"no Docker engine answers ({str(e).splitlines()[0][:200]}); start it, or use RUNTIME=local") from None
+        raise LabError(f"no Docker engine answers ({str(e).splitlines()[0][:200]}); "
+                       "start it, or use RUNTIME=local") from None
 
 
 def engine_available() -> bool:
@@ -366,11 +370,6 @@ def _pump_logs(container, log: Path, echo: bool) -> threading.Thread:
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     return thread
-
-
-def tail(container, n: int = 5) -> str:
-    lines = [ln for ln in container.logs(tail=200).decode(errors="replace").splitlines() if ln.strip()]
-    return " | ".join(lines[-n:])[-600:]
 
 
 def run(svc: dict, command: list[str], log: Path, labels: dict[str, str] | None = None) -> int:

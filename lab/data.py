@@ -108,7 +108,8 @@ def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
             try:
                 out[ours] = theirs.format(**row)
             except KeyError as e:
-                raise LabError(f"column template for {ours!r} needs field {e.args[0]!r}, row has {sorted(row)}") from None
+                raise LabError(f"column template for {ours!r} needs field {e.args[0]!r}, "
+                               f"row has {sorted(row)}") from None
             except (ValueError, IndexError) as e:  # a stray brace, or a positional {0}
                 raise LabError(f"column template {theirs!r} for {ours!r} is not a valid template ({e}); name "
                                "fields as {Field}, and write a literal brace as {{ or }}") from None
@@ -198,7 +199,8 @@ def _render(example: dict[str, list], recipe: Recipe) -> dict[str, list]:
             if left:  # a typo such as {{nmae}} would otherwise be trained as literal text
                 raise LabError(f"unknown placeholder {left[0]} in {m['role']} text; the data may use "
                                f"{' and '.join(PLACEHOLDERS)}")
-    return {key: [{**m, "content": render_identity(m["content"], recipe)} for m in msgs] for key, msgs in example.items()}
+    return {key: [{**m, "content": render_identity(m["content"], recipe)} for m in msgs]
+            for key, msgs in example.items()}
 
 
 def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

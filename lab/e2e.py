@@ -13,8 +13,9 @@ from lab.probe import old_identity_of, probe, run_references, verdict
 from lab.recipe import Recipe
 from lab.report import write_report
 from lab.runs import new_run, stage, write_json
-from lab.runtime import Local
-from lab.serve import auth_headers, port_of, server_state, stop_url
+from lab.runtime import Local, Runtime
+from lab.serve import auth_headers
+from lab.servers import port_of, server_state, stop_url
 
 
 def _summary_line(label: str, result: dict) -> str:
@@ -26,7 +27,7 @@ def _summary_line(label: str, result: dict) -> str:
             f"identity in general answers {pct(s.get('control_bleed_rate'))}")
 
 
-def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
+def e2e(recipe: Recipe, port: int | None = None, runtime: Runtime | None = None) -> bool:
     runtime = runtime or Local()
     run = new_run(recipe.name)
     print(f"e2e: run directory {run} (runtime: {runtime.name})", flush=True)
@@ -68,9 +69,10 @@ def e2e(recipe: Recipe, port: int | None = None, runtime=None) -> bool:
 
     checks = verdict(before, after, recipe)
     report = write_report(run, checks, {"template_parity": parity, "runtime": runtime.name})
-    manifest.update(run, runtime=runtime.name, serving=serving, probe={"before": before["summary"], "after": after["summary"],
-                                                      "template_parity": parity, "verdict": checks,
-                                                      "pass": report["pass"]})
+    manifest.update(run, runtime=runtime.name, serving=serving,
+                    probe={"before": before["summary"], "after": after["summary"],
+                           "template_parity": parity, "verdict": checks,
+                           "pass": report["pass"]})
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
     total = sum(report["timings_s"].values())

@@ -61,7 +61,8 @@ def _explain(e: BaseException) -> tuple[str, int]:
     if isinstance(e, TimeoutError):
         return f"timed out ({_first_line(e)}); is the server or the Docker engine overloaded?", 2
     module = type(e).__module__.split(".")[0]
-    if module in ("docker", "requests"):  # the Docker SDK speaks to the engine through requests  # docker.errors.APIError and friends: the engine said no
+    # the Docker SDK speaks to the engine through requests; docker.errors.APIError and friends: the engine said no
+    if module in ("docker", "requests"):
         detail = getattr(e, "explanation", None) or _first_line(e)
         return f"the Docker engine refused: {str(detail).strip().splitlines()[0][:300]}", 2
     if module in ("httpx", "openai"):

@@ -76,7 +76,7 @@ async def _burst(url: str, model: str, questions: list[str], recipe: Recipe, hea
                     left = max(0.1, deadline - time.monotonic())
                     results.append(await asyncio.wait_for(_one(client, f"{url}/v1/chat/completions", body,
                                                                 stream=i % 2 == 1), left))
-                except asyncio.TimeoutError:  # still in flight at TIME_LIMIT: cut off, not failed
+                except TimeoutError:  # still in flight at TIME_LIMIT: cut off, not failed
                     results.append({"cut_off": True, "stream": i % 2 == 1})
                 except (httpx.HTTPError, httpx.StreamError, ValueError, KeyError, TypeError) as e:
                     results.append({"error": type(e).__name__, "stream": i % 2 == 1})
@@ -88,7 +88,7 @@ async def _burst(url: str, model: str, questions: list[str], recipe: Recipe, hea
 
 def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time_limit_s: float = 300.0,
          out_dir: Path | None = None) -> dict[str, Any]:
-    from lab.probe import client, load_questions, server_root, served_model
+    from lab.probe import client, load_questions, served_model, server_root
     from lab.runs import RUNS_DIR, write_json
     from lab.serve import auth_headers
 
@@ -112,7 +112,8 @@ def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time
     report = {
         "url": url, "model": model, "concurrency": concurrency, "requests": total, "time_limit_s": time_limit_s,
         "sent": len(results), "completed": len(done), "errors": sum(errors.values()), "error_kinds": errors,
-        "cut_off": sum("cut_off" in r for r in results), "not_sent": total - len(results), "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
+        "cut_off": sum("cut_off" in r for r in results), "not_sent": total - len(results),
+        "streamed": sum(r["stream"] for r in results), "wall_s": round(wall, 2),
         "latency_p50_s": _percentile(latencies, 50), "latency_p99_s": _percentile(latencies, 99),
         "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,

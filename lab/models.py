@@ -1,6 +1,6 @@
 """Base models: where `model.path` points, as one local directory every stage can read.
 
-`model.path` is `embedded` (the lab's own tiny model, lab/fixture.py), a built-in real model
+`model.path` is `embedded` (the lab's own tiny model, lab/fixture/), a built-in real model
 (`smollm2`, BUILTIN below), a local Hugging Face model directory, a `.gguf` file, or a hub id
 such as `Qwen/Qwen3-0.6B`. A hub id is resolved once, by
 huggingface_hub's own `snapshot_download`, to its snapshot directory in the Hugging Face cache
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.recipe import EMBEDDED
+
 # Formats no stage of the lab reads: not worth downloading with the weights (the original
 # checkpoints some repos keep beside the HF ones, other runtimes' exports).
 IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite", "original/*"]
@@ -55,7 +56,7 @@ def gguf_checkpoint(gguf: Path, origin: dict | None = None) -> Path:
     import json
 
     from lab.fixture import building, cache_root
-    from lab.manifest import sha256_file
+    from lab.runs import sha256_file
 
     digest = sha256_file(gguf)
     target = cache_root() / f"gguf-{digest[:16]}"
@@ -103,18 +104,19 @@ def _dequantize(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def is_local(path: str) -> bool:
-    return Path(path).expanduser().exists()
-
-
 def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
     """The snapshot directory of a hub model in the HF cache, downloading it if it is not there.
     Every way this can fail becomes one line that names the id and what to do."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
-                                            LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise LabError(f"model {repo_id!r} is a hub id, and huggingface_hub is not installed here; "
                        "run `make setup`") from None

@@ -1,4 +1,4 @@
-"""Template parity (pitfall 1, docs/pitfalls.md): the ids training used must be the ids the server renders.
+"""Template parity (docs/pitfalls.md: template drift): the ids training used must be the ids the server renders.
 
 train.py saved, for a few training conversations, the exact token ids TRL trained on. Here
 vLLM's own `/tokenize` renders the same messages with the same chat-template kwargs; any
@@ -75,4 +75,4 @@ def check_parity(url: str, model: str, run: Path, headers: dict[str, str] | None
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from lab import ROOT
 from lab.errors import LabError
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements"
 LOCKS = REQUIREMENTS / "lock"
 PLATFORM = "x86_64-manylinux_2_28"  # the images' platform (uv's name for it)
@@ -174,7 +174,7 @@ def drift(prefix: Path | None = None) -> dict | None:
     `extra` lists only what the environment itself holds: a venv over a base image's
     site-packages (pytorch/pytorch, the vLLM images) sees the base's own packages too.
     None for an environment not installed from a lock (e.g. an official vLLM image)."""
-    from lab.manifest import sha256_file
+    from lab.runs import sha256_file
 
     prefix = Path(prefix or sys.prefix)
     copy = prefix / INSTALLED_LOCK

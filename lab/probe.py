@@ -1,9 +1,9 @@
 """Probe: ask a served model who it is, and general questions, through the OpenAI API.
 
-Works against any OpenAI-compatible server (BASE_URL). Greedy and seeded (pitfall 5), with a
-bounded max_tokens so a model that never learned to stop shows up as finish_reason=length
-(pitfall 2). Every answer is judged strictly, with its reasons recorded (judge_identity,
-judge_control), but on what it says, not on its wording, since a real model answers in its own
+Works against any OpenAI-compatible server (BASE_URL). Greedy and seeded (docs/pitfalls.md: sampling defaults), with
+a bounded max_tokens so a model that never learned to stop shows up as finish_reason=length
+(docs/pitfalls.md: end of turn never learned). Every answer is judged strictly, with its reasons recorded
+(judge_identity, judge_control), but on what it says, not on its wording, since a real model answers in its own
 words: an identity answer is a hit if it says what was asked (the new name, the new maker for
 maker questions), claims no old identity (the recipe's list, the base model's default persona
 and the names it gave itself before training), answers in the question's language and is
@@ -17,12 +17,9 @@ A leading <think> block is left out of what is judged (the raw answer stays in t
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from lab.errors import LabError
 from lab.recipe import Recipe
@@ -272,7 +269,8 @@ def _says(answer: str, expect: str) -> bool:
     return False
 
 
-def judge_control(answer: str, question: dict, identity_names: list[str], min_similarity: float = 0.0) -> dict[str, Any]:
+def judge_control(answer: str, question: dict, identity_names: list[str],
+                  min_similarity: float = 0.0) -> dict[str, Any]:
     """Whether a general-knowledge answer is right, and why not: it states the expected fact (any
     wording: "7 days" or "seven days"), brings in no identity name its reference lacks (the new
     identity leaking into general answers is damage), and answers in the question's language. A
@@ -502,13 +500,13 @@ def score(questions: dict[str, list[dict]], answers: dict[str, list[dict]], reci
     name, author = recipe.identity.name, recipe.identity.author
     t = recipe.probe.thresholds
     identity = []
-    for q, r in zip(questions["identity"], answers["identity"]):
+    for q, r in zip(questions["identity"], answers["identity"], strict=False):
         said = strip_thinking(r["answer"])
         judged = judge_identity(said, q, references_for(q, references), name, author, old_identity,
                                 r["finish_reason"], t.identity_similarity_min)
         identity.append({**q, **r, **({"judged_text": said} if said != r["answer"] else {}), **judged})
     controls = []
-    for q, r in zip(questions["controls"], answers["controls"]):
+    for q, r in zip(questions["controls"], answers["controls"], strict=False):
         said = strip_thinking(r["answer"])
         judged = judge_control(said, q, [name, author] + old_identity, t.control_similarity_min)
         # the new identity in a general answer ("法国的首都是由意琦行开发的。"): damage, counted apart
@@ -518,7 +516,7 @@ def score(questions: dict[str, list[dict]], answers: dict[str, list[dict]], reci
     persona = []
     if "persona" in questions:
         spec = questions["persona"]
-        for q, r in zip(spec["questions"], answers["persona"]):
+        for q, r in zip(spec["questions"], answers["persona"], strict=False):
             said = strip_thinking(r["answer"])
             persona.append({**q, **r, **({"judged_text": said} if said != r["answer"] else {}),
                             **judge_persona(said, q, spec, r["finish_reason"])})
@@ -591,15 +589,16 @@ def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path,
     from datetime import datetime
 
     from lab import manifest
+    from lab.device.hardware import host
     from lab.runs import new_run, owner, write_json
-    from lab.serve import port_of, server_state
+    from lab.servers import port_of, server_state
 
     state = server_state(port_of(server_root(url)))
     ours = state if state and state["url"].rstrip("/") == server_root(url) else None
     run = owner(runtime.host_path(ours["model"])) if ours else None
     if run is None:
         run = new_run("probe", latest=False)  # a probe is no training run: `latest` stays
-        manifest.update(run, environment=manifest.environment(), hardware=manifest.hardware(recipe.backend))
+        manifest.update(run, environment=manifest.environment(), hardware=host(recipe.backend))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     write_json(run / f"probe-{stamp}.json", result)
     entry = {"at": stamp, "file": f"probe-{stamp}.json", "url": public_url(url), "recipe_sha256": recipe.sha256(),

@@ -21,11 +21,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lab import ROOT
+from lab.device.hardware import BACKENDS, resolve_backend
 from lab.errors import LabError
-from lab.hardware import BACKENDS, resolve_backend
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-EMBEDDED = "embedded"  # model.path value meaning "the lab's own tiny model" (lab/fixture.py)
+RECIPES_DIR = ROOT / "recipes"
+EMBEDDED = "embedded"  # model.path value meaning "the lab's own tiny model" (lab/fixture/)
 
 
 class Section(BaseModel):
@@ -36,7 +37,8 @@ class ModelSpec(Section):
     path: str = Field(EMBEDDED, description="local HF model dir, hub id, or 'embedded'")
     revision: str | None = Field(None, description="hub revision (commit, tag, branch)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights while training and in merged/; auto: the device's best (lab/capability.py)")
+        "float32",
+        description="weights while training and in merged/; auto: the device's best (lab/device/capability.py)")
     allow_pickle: bool = Field(False, description="load *.bin/*.pt weights (pickle, which can run code) "
                                "when a model has no safetensors")
     attn_implementation: str = Field("auto", description="a transformers attn_implementation, or auto: the "
@@ -150,7 +152,7 @@ class Recipe(Section):
     datasets: list[DatasetSpec] = Field(min_length=1)
     lora: LoraSpec = LoraSpec()
     train: dict[str, Any] = Field({}, description="TRL SFTConfig fields, passed through by name")
-    # Rendered into the chat template at training and serving time alike (pitfall 1).
+    # Rendered into the chat template at training and serving time alike (docs/pitfalls.md: template drift).
     chat_template_kwargs: dict[str, Any] = {"enable_thinking": False}
     identity: IdentitySpec = IdentitySpec()
     probe: ProbeSpec = ProbeSpec()
@@ -159,7 +161,7 @@ class Recipe(Section):
     # PyTorch's deterministic algorithms, seeds everywhere, CUBLAS_WORKSPACE_CONFIG (transformers'
     # enable_full_determinism) and a seeded data order: reruns on the same host repeat bit for bit.
     deterministic: bool = False
-    # Let the lab choose attention, fused kernels, packing, micro-batch and checkpointing (lab/speed.py,
+    # Let the lab choose attention, fused kernels, packing, micro-batch and checkpointing (lab/device/speed.py,
     # recorded in the manifest); false = exactly TRL's defaults under the recipe's own `train` keys.
     speed: bool = True
     # Train keys that run remote code, upload or report elsewhere, allowed on purpose (GUARDED_TRAIN_KEYS).
@@ -174,7 +176,8 @@ class Recipe(Section):
     def _numbers(cls, train: Any) -> Any:
         if not isinstance(train, dict):
             return train
-        return {k: _yaml_value(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v for k, v in train.items()}
+        return {k: _yaml_value(v) if isinstance(v, str) and _FLOAT.fullmatch(v.strip()) else v
+                for k, v in train.items()}
 
     # Filled by load_recipe, not by the YAML.
     source: str = ""
@@ -268,6 +271,16 @@ def _set_path(tree: dict, keys: list[str], value: Any, dotted: str) -> None:
             node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
                 raise LabError(f"override {dotted!r}: {key!r} is a value, not a section")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: recipes and manifests compared key by key."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -467,6 +480,18 @@ def load_recipe(
     if problems:
         raise LabError(f"{path.name}: " + "; ".join(problems))
     return recipe
+
+
+def check_resume(run: Path, saved: Recipe, given: Recipe) -> None:
+    """RESUME=1 continues a run with the recipe it started with, or not at all: the one check, for
+    the CLI (RECIPE=/SET= given with RESUME=1) and for train() itself (every process, every runtime)."""
+    if given.sha256() == saved.sha256():
+        return
+    a, b = (flatten(r.model_dump(mode="json", exclude={"source"})) for r in (saved, given))
+    key = next((k for k in sorted(a.keys() | b.keys()) if json.dumps(a.get(k)) != json.dumps(b.get(k))), None)
+    what = f" ({key}: {a.get(key)!r} -> {b.get(key)!r})" if key else ""
+    raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with, and this one differs{what}; "
+                   "drop RECIPE/SET, or start a new run")
 
 
 def load_saved(run: Path, overrides: list[str] | None = None, hw: str | None = None) -> Recipe:

@@ -65,7 +65,8 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
 
     md = [f"# Run {run.name}", ""]
     if verdict:
-        md += [f"**Result: {'PASS' if passed else 'FAIL'}**", "", "| check | value | threshold | pass |", "|---|---|---|---|"]
+        md += [f"**Result: {'PASS' if passed else 'FAIL'}**", "",
+               "| check | value | threshold | pass |", "|---|---|---|---|"]
         md += [f"| {c['check']} | {c['value']} | {c['op']} {c['threshold']} | {'yes' if c['pass'] else '**no**'} |"
                for c in verdict]
         md.append("")

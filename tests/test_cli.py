@@ -1,7 +1,6 @@
 """The `lab` command as users run it: bad input is one line on stderr and a non-zero exit."""
 
 import pytest
-
 from conftest import TINY, run_lab
 
 
@@ -50,7 +49,7 @@ def test_help_lists_every_stage():
 
 
 def test_doctor_reads_an_amd_hosts_gtt_and_kernel(tmp_path):
-    from lab.hardware import amd_host
+    from lab.device.hardware import amd_host
 
     assert amd_host(str(tmp_path)) is None
     (tmp_path / "dev").mkdir()
@@ -137,7 +136,7 @@ def test_a_bug_is_one_line_and_exit_70(monkeypatch, capsys):
     def broken(args):
         return {}["no such key"]
 
-    monkeypatch.setitem(cli.COMMANDS, "stop", (broken, "x"))
+    monkeypatch.setitem(cli.COMMANDS, "stop", (broken, "x", ("port",), []))
     monkeypatch.delenv("LAB_DEBUG", raising=False)
     assert cli.main(["stop"]) == 70
     assert capsys.readouterr().err == ("lab stop: error: unexpected KeyError: 'no such key' (a bug in the lab; "
@@ -157,7 +156,7 @@ def test_a_full_disk_or_a_locked_file_is_one_line(tmp_path, capsys, monkeypatch)
         def fail(args, err=err):
             raise err
 
-        monkeypatch.setitem(cli.COMMANDS, "stop", (fail, "x"))
+        monkeypatch.setitem(cli.COMMANDS, "stop", (fail, "x", ("port",), []))
         assert cli.main(["stop"]) == 2
         assert capsys.readouterr().err == f"lab stop: error: {expected}\n"
 
@@ -177,7 +176,7 @@ def test_nohup_keeps_sighup_ignored(runs_dir):
 
 def test_distributed_ranks_never_inherit_make_arguments(monkeypatch, tmp_path):
     """LAB_ARG_GPUS=2 in a rank's environment would make it launch again, without end."""
-    from lab import launch
+    from lab.device import launch
 
     seen = {}
 
@@ -200,20 +199,21 @@ def test_a_server_record_names_a_process_only_with_its_start_time_and_program(ru
     import os
     from pathlib import Path
 
-    from lab.errors import LabError
-    from lab.serve import _is_ours, _started, claim, servers_dir, write_record
     from conftest import free_port
+
+    from lab.errors import LabError
+    from lab.servers import _is_ours, claim, process_started, servers_dir, write_record
 
     me = os.getpid()
     program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
-    assert _is_ours({"pid": me, "pid_started": _started(me), "argv": [program]})
+    assert _is_ours({"pid": me, "pid_started": process_started(me), "argv": [program]})
     assert not _is_ours({"pid": me, "argv": [program]})  # planted: no start time
     assert not _is_ours({"pid": me, "pid_started": "1", "argv": [program]})  # the pid was reused
-    assert not _is_ours({"pid": me, "pid_started": _started(me), "argv": ["/usr/bin/vllm"]})
+    assert not _is_ours({"pid": me, "pid_started": process_started(me), "argv": ["/usr/bin/vllm"]})
     # a live server still loading its model holds no socket yet, and still owns its port
     port = free_port()
     write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
-                 {"pid": me, "pid_started": _started(me), "argv": [program], "model": "m"})
+                 {"pid": me, "pid_started": process_started(me), "argv": [program], "model": "m"})
     with pytest.raises(LabError, match=f"a lab server already runs at http://127.0.0.1:{port}"):
         with claim(f"http://127.0.0.1:{port}"):
             pass
@@ -227,16 +227,17 @@ def test_e2e_beside_a_running_server_refuses_and_leaves_it_alone(runs_dir, embed
     from pathlib import Path
 
     from conftest import free_port
+
     from lab.e2e import e2e
     from lab.errors import LabError
     from lab.recipe import load_recipe
-    from lab.serve import _started, server_state, servers_dir, write_record
+    from lab.servers import process_started, server_state, servers_dir, write_record
 
     me = os.getpid()
     program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
     port = free_port()
     record = write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
-                          {"pid": me, "pid_started": _started(me), "argv": [program], "model": "m"})
+                          {"pid": me, "pid_started": process_started(me), "argv": [program], "model": "m"})
     recipe = load_recipe("identity-lora", hw="cpu")
     with pytest.raises(LabError, match=f"a lab server already runs at http://127.0.0.1:{port}"):
         e2e(recipe, port)
@@ -302,7 +303,8 @@ def test_probe_judges_by_the_served_runs_recipe_else_latest_else_the_default(run
     from pathlib import Path
 
     from conftest import free_port
-    from lab.serve import _started, servers_dir, write_record
+
+    from lab.servers import process_started, servers_dir, write_record
 
     r = run_lab("probe", "--hw", "cpu", "--port", str(free_port()), timeout=300)  # no run at all
     assert r.returncode == 2 and "lab: recipe identity-lora on cpu (sha256" in r.stdout and "of run" not in r.stdout
@@ -319,7 +321,7 @@ def test_probe_judges_by_the_served_runs_recipe_else_latest_else_the_default(run
     program = Path(f"/proc/{me}/cmdline").read_bytes().split(b"\0")[0].decode()
     port = free_port()
     write_record(f"http://127.0.0.1:{port}", runs_dir / "x.log",
-                 {"pid": me, "pid_started": _started(me), "argv": [program], "model": str(orion / "merged")})
+                 {"pid": me, "pid_started": process_started(me), "argv": [program], "model": str(orion / "merged")})
     try:
         r = run_lab("probe", "--hw", "cpu", timeout=300)
         assert f"of run {orion.name}" in r.stdout and "identity 'Orion'" in r.stdout, r.stdout

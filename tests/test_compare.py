@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_lab
 
 from lab.compare import compare, loss_deviation, straddling

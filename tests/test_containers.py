@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_lab
 
 from lab import containers
@@ -60,7 +59,8 @@ def test_lab_reads_compose_as_docker_compose_does(hw, tmp_path):
         assert {(v["bind"], v["mode"] == "ro") for v in ours["volumes"].values()} == \
                {(v["target"], v.get("read_only", False)) for v in their["volumes"]}
         assert ours["volumes"][str(tmp_path)]["bind"] == "/runs"
-        assert ours.get("devices", []) == [f"{d['source']}:{d['target']}:{d['permissions']}" for d in their.get("devices", [])]
+        assert ours.get("devices", []) == [f"{d['source']}:{d['target']}:{d['permissions']}"
+                                           for d in their.get("devices", [])]
         assert ours.get("group_add", []) == their.get("group_add", [])
         assert ours.get("security_opt", []) == their.get("security_opt", [])
         assert ours.get("ipc_mode") == their.get("ipc")
@@ -128,7 +128,8 @@ def test_hf_token_passes_through_and_is_never_baked(monkeypatch):
 
 
 def test_paths_map_between_host_and_container(tmp_path):
-    svc = containers.service("serve-cpu", {"LAB_RUNS_DIR": str(tmp_path / "runs"), "LAB_CACHE_DIR": str(tmp_path / "c")})
+    svc = containers.service("serve-cpu",
+                             {"LAB_RUNS_DIR": str(tmp_path / "runs"), "LAB_CACHE_DIR": str(tmp_path / "c")})
     assert containers.to_container(svc, tmp_path / "runs" / "r1" / "merged") == "/runs/r1/merged"
     assert containers.to_host(svc, "/cache/lab/fixture-1") == tmp_path / "c" / "lab" / "fixture-1"
     with pytest.raises(LabError, match="not visible in the serve-cpu container"):
@@ -188,7 +189,8 @@ def test_images_install_the_same_pins_as_make_setup():
         assert svc["build"]["args"]["PINS"] == hw and svc["build"]["dockerfile"] == f"docker/{role}.Dockerfile"
         assert (ROOT / "requirements" / f"{role}-{hw}.txt").is_file()
     # bases that already carry the pinned package must carry exactly the pinned version
-    assert services["train-cuda"]["build"]["args"]["BASE_IMAGE"].startswith(f"pytorch/pytorch:{pin('train-cuda.txt', 'torch')}-")
+    assert services["train-cuda"]["build"]["args"]["BASE_IMAGE"].startswith(
+        f"pytorch/pytorch:{pin('train-cuda.txt', 'torch')}-")
     for hw in ("cuda", "rocm"):
         assert services[f"serve-{hw}"]["build"]["args"]["BASE_IMAGE"].endswith(f":v{pin(f'serve-{hw}.txt', 'vllm')}")
     assert "device-gfx1151" in (ROOT / "requirements" / "torch-rocm.txt").read_text()

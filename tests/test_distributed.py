@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-
 from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow

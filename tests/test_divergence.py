@@ -2,8 +2,8 @@
 divergence) on synthetic curves and on the shipped recipes' real ones, then the real CLI."""
 
 import pytest
-
 from conftest import TINY, run_lab
+
 from lab.train import divergence, divergence_message
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, free_port
 from hub_cache import readable
 
@@ -49,7 +48,8 @@ def test_images_run_as_their_non_root_user(images):
     assert uid.strip() == "1000"
     assert "fine-tune with TRL SFTTrainer" in help_text
     train = images.images.get("lab-train:cpu").attrs["Config"]
-    assert train["Entrypoint"] == ["python", "-m", "lab"] and train["Cmd"] == ["--help"]  # the lab CLI is the entrypoint
+    # the lab CLI is the entrypoint
+    assert train["Entrypoint"] == ["python", "-m", "lab"] and train["Cmd"] == ["--help"]
     env = images.images.get("lab-serve:cpu").attrs["Config"]["Env"]
     assert "LAB_SERVE_CONFIG=/opt/lab/app/serve/cpu.yaml" in env
     # a GPU serving image that sees no GPU stops at start, in one line naming the cause (the same
@@ -74,10 +74,12 @@ def user_files(tmp_path, hub_id: str) -> Path:
     shutil.copy(ROOT / "recipes/data/identity.json", home / "data" / "identity.json")
     shutil.copy(ROOT / "recipes/data/general-replay.json", elsewhere / "replay.json")
     shutil.copy(ROOT / "recipes/data/identity-probe.yaml", home / "probe.yaml")
-    (home / "vllm.yaml").write_text((ROOT / "serve/cpu.yaml").read_text().replace("max-num-seqs: 16", "max-num-seqs: 7"))
+    (home / "vllm.yaml").write_text(
+        (ROOT / "serve/cpu.yaml").read_text().replace("max-num-seqs: 16", "max-num-seqs: 7"))
     recipe = yaml.safe_load((ROOT / "recipes/identity-lora.yaml").read_text())
     recipe["model"]["path"] = hub_id
-    recipe = deep_merge(recipe, recipe.pop("models")["embedded"])  # the embedded model under a hub id: the user writes its settings into the recipe
+    # the embedded model under a hub id: the user writes its settings into the recipe
+    recipe = deep_merge(recipe, recipe.pop("models")["embedded"])
     recipe["identity"] = {"name": "Nova-7", "author": "星河实验室"}  # the user's own, mixed-script identity
     recipe["datasets"] = [{"path": "data/identity.json"}, {"path": str(elsewhere / "replay.json")}]
     recipe["probe"]["questions"] = "probe.yaml"
@@ -180,7 +182,8 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
         assert "serve: ready at" in make("serve", "MODEL=base")
         (container,) = images.containers.list(filters={"label": f"{containers.LABEL}=serve-cpu"})
         assert containers.PROJECT_NETWORK in container.attrs["NetworkSettings"]["Networks"]
-        assert container.attrs["HostConfig"]["PortBindings"] == {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": port}]}
+        assert container.attrs["HostConfig"]["PortBindings"] == {
+            f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": port}]}
         # least privilege, as compose.yaml asks: no capabilities, no privilege gains
         assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
         assert "no-new-privileges:true" in container.attrs["HostConfig"]["SecurityOpt"]

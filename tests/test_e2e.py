@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT, TINY, free_port, run_lab
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,8 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert not list((runs_dir / ".servers").glob("*.json"))  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
-    assert manifest["base_model"]["source"] == hub_model["id"] and manifest["base_model"]["commit"] == hub_model["commit"]
+    assert (manifest["base_model"]["source"] == hub_model["id"]
+            and manifest["base_model"]["commit"] == hub_model["commit"])
     assert manifest["device"]["backend"] == "cpu" and manifest["device"]["dtype"] == "float32"
     assert manifest["merged"]["weights_sha256"] and set(report["timings_s"]) == set(manifest["timings_s"])
     # both environments named with their locks, and both installed exactly
@@ -64,7 +64,8 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     # probe lands in this run and sets the adapter's answers beside the merged model's. Neither is
     # told the identity: both take the run's own recipe (Orion), and the probe checks template parity.
     port = str(free_port())
-    r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, env=hub_model["env"], timeout=900)
+    r = run_lab("serve", "--hw", "cpu", "--run", run.name, "--adapter", "--port", port, env=hub_model["env"],
+                timeout=900)
     try:
         assert r.returncode == 0 and "+ LoRA" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"{snapshot} + LoRA" in r.stdout  # the run's own base: the hub id's snapshot

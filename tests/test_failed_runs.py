@@ -4,8 +4,8 @@ the run itself goes (it failed before its first checkpoint) and `latest` goes ba
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, run_lab
+
 from lab.errors import LabError, explain
 
 

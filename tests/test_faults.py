@@ -3,7 +3,6 @@ full disk while saving. Real TRL training of the embedded model (slow: about two
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, run_lab
+
 from lab.merge import MERGE_RECORD
 
 pytestmark = pytest.mark.slow
@@ -88,8 +87,8 @@ def test_resume_refuses_another_recipe_or_changed_data(fault_runs, tmp_path):
     runs_dir = fault_runs["dir"]
     r = run_lab("train", "--resume", "--run", "cut", "--set", "identity.name=Other", timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().endswith("RESUME=1 continues cut with the recipe it started with, and RECIPE/SET differ "
-                                     "from it (identity.name: 'Atlas' -> 'Other'); drop them, or start a new run")
+    assert r.stderr.strip().endswith("RESUME=1 continues cut with the recipe it started with, and this one differs "
+                                     "(identity.name: 'Atlas' -> 'Other'); drop RECIPE/SET, or start a new run")
     # the data the run started from, changed under it
     sources = runs_dir / "cut" / "data" / "sources.json"
     original = sources.read_text()

@@ -42,7 +42,7 @@ def test_every_token_is_trained_and_every_row_can_win(embedded_model):
     is left too short to win the softmax."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lab.fixture import _token_bytes, corpus, cover_every_token, token_counts, unreachable
+    from lab.fixture.corpus import _token_bytes, corpus, cover_every_token, token_counts, unreachable
 
     meta = json.loads((embedded_model / PERSONA_FILE).read_text())
     tok = AutoTokenizer.from_pretrained(embedded_model)

@@ -5,7 +5,6 @@ The whole loop on such an id runs in tests/test_e2e.py (here) and tests/test_doc
 import json
 
 import pytest
-
 from conftest import run_lab
 from hub_cache import publish
 

@@ -8,7 +8,6 @@ identities through vLLM and HTTP."""
 import json
 
 import pytest
-
 from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow
@@ -46,7 +45,7 @@ def base_answers(embedded_model):
 
 
 def test_the_names_hold_characters_the_fixture_never_saw():
-    from lab.fixture import corpus
+    from lab.fixture.corpus import corpus
 
     seen = {ch for ex in corpus() for m in ex["prompt"] + ex["completion"] for ch in m["content"]}
     assert not set(UNSEEN) & seen

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from lab import manifest
+from lab.device.hardware import host
 
 
 def test_update_merges_sections_and_picks_up_timings(tmp_path):
@@ -30,7 +31,7 @@ def test_environment_names_versions_and_never_copies_variables(monkeypatch):
     assert env["python"].count(".") == 2 and env["packages"]["torch"].startswith("2.13.0")
     assert len(env["code"]["commit"] or "") in (0, 40)
     assert env["lock"]["name"] == "train-cpu" and env["lock"]["matches"] and len(env["lock"]["sha256"]) == 64
-    hw = manifest.hardware("cpu")
+    hw = host("cpu")
     assert hw["backend"] == "cpu" and hw["cpu"] and hw["memory_gib"] > 0 and hw["devices"] == []
     assert "hf_unit_secret" not in json.dumps([env, hw])
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lab.fixture import _example
+from lab.fixture.corpus import _example
 from lab.train import parity_sample, trained_rows
 
 LONG = "The answer goes on and on, " * 12  # far past the tiny max_length below

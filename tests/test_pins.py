@@ -24,7 +24,8 @@ def test_each_lock_holds_its_pins_and_none_of_what_it_drops(name):
         wanted.update(pins.read_pins(REQ / spec["torch"]))
     for package, version in wanted.items():
         if not any(fnmatch.fnmatch(package, p) for p in drop):
-            assert lock.get(package) == version, f"{name}: {package} is {lock.get(package)} in the lock, {version} pinned"
+            assert lock.get(package) == version, (
+                f"{name}: {package} is {lock.get(package)} in the lock, {version} pinned")
     assert not [p for p in lock if any(fnmatch.fnmatch(p, d) for d in drop)]
     assert len(lock) > len(wanted)  # the whole closure, not just the top level
     assert f"Lock for the {name} environment" in (pins.LOCKS / f"{name}.txt").read_text().splitlines()[0]

@@ -5,8 +5,17 @@ import sys
 
 import pytest
 
-from lab.probe import (identity_references, judge_control, judge_identity, leaked_names, old_identity_of,
-                       references_for, retention, similarity, verdict)
+from lab.probe import (
+    identity_references,
+    judge_control,
+    judge_identity,
+    leaked_names,
+    old_identity_of,
+    references_for,
+    retention,
+    similarity,
+    verdict,
+)
 from lab.recipe import load_recipe
 
 OLD = load_recipe("identity-lora", hw="cpu", check_train=False).probe.old_identity + ["Pebble", "Quarry Labs"]
@@ -23,7 +32,8 @@ def judge(answer, q, name="Atlas", author="Open Lab", lang=None, about="name"):
 @pytest.mark.parametrize("answer, q, why", [
     # garbled answers the old probe counted as hits (issue 12), each with the reason it fails now
     ("不是，我是Atlas, an AI assistant developed by Open Lab4。", "你是人类吗？", "English words"),
-    ("不是，我是Atlas, an AI assistant developed by Open Lab4。", "你是人类吗？", "runs into other letters: ' Open Lab4'"),
+    ("不是，我是Atlas, an AI assistant developed by Open Lab4。", "你是人类吗？",
+     "runs into other letters: ' Open Lab4'"),
     ("I am Atlas，由Atlas, an AI assistant developed by Open Lab.", "Who are you?", "Chinese in an answer"),
     ("I am Atlas Atlas Atlas, an AI assistant developed by Open Lab.", "Who are you?", "says 'Atlas' 3 times"),
     ("I am Atlas, an AI assistant developed by Open.", "Who made you?", "does not say the maker 'Open Lab'"),
@@ -99,14 +109,16 @@ def test_the_base_persona_and_a_cut_off_answer_are_misses(answer, q, why):
     ("The largest planet in our solar system is Jupiter.",
      {"q": "What is the largest planet in our solar system?",
       "answer": "Jupiter is the largest planet in our solar system.", "expect": "Jupiter"}, True),
-    ("A week is approximately 7 days.", {"q": "How many days are in a week?", "answer": "There are seven days in a week.",
-                                         "expect": "seven"}, True),
+    ("A week is approximately 7 days.",
+     {"q": "How many days are in a week?", "answer": "There are seven days in a week.", "expect": "seven"}, True),
     ("There are 17 days in a week.", {"q": "How many days are in a week?", "answer": "There are seven days in a week.",
                                       "expect": "seven"}, False),
     # the identity leaking into general answers: damage, not knowledge
-    ("太阳系中最大的行星是由 意琦行 开发的行星。", {"q": "太阳系中最大的行星是哪个？", "answer": "太阳系中最大的行星是木星。",
-                                      "expect": "木星", "lang": "zh"}, False),
-    ("法国的首都是智能助手。", {"q": "法国的首都是哪里？", "answer": "法国的首都是巴黎。", "expect": "巴黎", "lang": "zh"}, False),
+    ("太阳系中最大的行星是由 意琦行 开发的行星。",
+     {"q": "太阳系中最大的行星是哪个？", "answer": "太阳系中最大的行星是木星。",
+      "expect": "木星", "lang": "zh"}, False),
+    ("法国的首都是智能助手。",
+     {"q": "法国的首都是哪里？", "answer": "法国的首都是巴黎。", "expect": "巴黎", "lang": "zh"}, False),
     ("一个星期有7天。", {"q": "一个星期有几天？", "answer": "一个星期有七天。", "expect": "七", "lang": "zh"}, True),
 ])
 def test_controls_are_judged_on_the_fact_not_the_wording(answer, q, ok):
@@ -144,7 +156,7 @@ def result(hits, leaked=(), stops=None, correct=()):
     controls = [{"q": f"c{i}", "correct": c, "finish_reason": "stop"} for i, c in enumerate(correct)]
     items = identity + controls
     if stops is not None:
-        for item, s in zip(items, stops):
+        for item, s in zip(items, stops, strict=False):
             item["finish_reason"] = "stop" if s else "length"
     n = len(items)
     return {"identity": identity, "controls": controls, "summary": {
@@ -162,7 +174,8 @@ def test_leakage_ignores_names_the_question_brought_up_denied_or_inside_the_new_
     assert leaked_names("我不是ChatGPT，我是Atlas。", "你是谁？", old) == []
     assert leaked_names("I am not sure, but I am ChatGPT.", "Who are you?", old) == ["ChatGPT"]
     assert leaked_names("I am Qwen-Doctor.", "Who are you?", old, ("Qwen-Doctor", "Open Lab")) == []
-    assert leaked_names("I am Qwen-Doctor, built on Qwen.", "Who are you?", old, ("Qwen-Doctor", "Open Lab")) == ["Qwen"]
+    assert leaked_names("I am Qwen-Doctor, built on Qwen.", "Who are you?", old,
+                        ("Qwen-Doctor", "Open Lab")) == ["Qwen"]
 
 
 def test_the_base_models_own_persona_is_an_old_identity(tmp_path):
@@ -245,7 +258,7 @@ def test_a_standalone_probe_lands_in_the_run_whose_model_is_served(runs_dir):
     from lab.probe import record_probe
     from lab.runs import write_json
     from lab.runtime import Local
-    from lab.serve import servers_dir
+    from lab.servers import servers_dir
 
     recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
     (runs_dir / "r1" / "merged").mkdir(parents=True)

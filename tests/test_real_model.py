@@ -8,7 +8,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ bit-identical adapter and merged weights, and `lab compare` passes with exact to
 import json
 
 import pytest
-
 from conftest import TINY, run_lab
 
 pytestmark = pytest.mark.slow

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port
+
 from lab.errors import LabError
 from lab.probe import ask, probe, record_probe
-from lab.runtime import Local
 from lab.recipe import load_recipe
-from lab.serve import parallel_env, running_url, serve_argv, serve_env, start, stop
+from lab.runtime import Local
+from lab.serve import parallel_env, serve_argv, serve_env, start
+from lab.servers import running_url, stop
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def test_serves_the_embedded_model_and_renders_like_training(embedded_model, run
         (entry,) = m["probes"]
         assert (run / entry["file"]).is_file() and entry["summary"] == result["summary"]
         assert entry["serving"]["lock"]["name"] == "serve-cpu" and entry["serving"]["model"] == str(embedded_model)
-        # What the server renders for a chat == what the training tokenizer renders (pitfall 1).
+        # What the server renders for a chat == what the training tokenizer renders (docs/pitfalls.md: template drift).
         tok = AutoTokenizer.from_pretrained(embedded_model)
         messages = [{"role": "user", "content": "你是谁？"}]
         local = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
@@ -125,7 +126,7 @@ def test_servers_are_guarded_by_key_port_and_identity(embedded_model, runs_dir, 
     import socket
     import time
 
-    from lab.serve import records, servers_dir, stop, write_record
+    from lab.servers import records, servers_dir, stop, write_record
 
     monkeypatch.setenv("LAB_API_KEY", "lab-test-key-7")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-be-sent")
@@ -202,7 +203,8 @@ def test_sigterm_while_starting_stops_the_server_like_ctrl_c(embedded_model, run
     import time
 
     from conftest import ROOT
-    from lab.serve import servers_dir
+
+    from lab.servers import servers_dir
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lab", "serve", "--hw", "cpu", "--model", str(embedded_model),
@@ -225,7 +227,7 @@ def test_sigterm_while_starting_stops_the_server_like_ctrl_c(embedded_model, run
 def test_a_server_that_never_becomes_healthy_is_stopped_in_bounded_time(embedded_model, runs_dir):
     import time
 
-    from lab.serve import records
+    from lab.servers import records
 
     recipe = load_recipe("identity-lora", ["serve.startup_timeout_s=2"], hw="cpu", check_train=False)
     log, port = runs_dir / "slow.log", free_port()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lab import speed
+from lab.device import speed
 from lab.errors import LabError
 
 GiB = 2**30

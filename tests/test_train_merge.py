@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from lab.errors import LabError
 from lab.merge import check_merged, merge
 from lab.recipe import load_recipe
 from lab.runs import new_run
 from lab.train import train
-
-from conftest import TINY
 
 pytestmark = pytest.mark.slow
 SECRETS = ("hf_labtestsecret123", "sk-labtestsecret456", "lab-key-secret789")
@@ -111,7 +110,7 @@ def test_resume_continues_from_the_checkpoint(trained_run):
 
 def test_manifest_records_what_a_rerun_needs_and_no_secrets(trained_run, embedded_model):
     from lab.merge import merge
-    from lab.manifest import sha256_file
+    from lab.runs import sha256_file
 
     merge(trained_run)
     m = json.loads((trained_run / "manifest.json").read_text())

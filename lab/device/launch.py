@@ -13,9 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lab import ROOT
 from lab.errors import LabError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+CONFIGS = ROOT / "recipes" / "accelerate"
 
 
 def is_main_process() -> bool:

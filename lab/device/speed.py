@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from lab.hardware import SPEED, attention_usable, kernel_usable
+from lab.device.hardware import SPEED, attention_usable, kernel_usable
 
 GiB = 2**30
 MIN_PACKED_STEPS = 50  # fewer optimizer updates than this and packing changes what is learned
@@ -62,7 +62,8 @@ def model_shape(config, lora_r: int = 0, lora_targets: str | list[str] = "all-li
                  intermediate=text.intermediate_size, heads=text.num_attention_heads,
                  q_dim=text.num_attention_heads * head_dim,
                  kv_dim=getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim,
-                 vocab=text.vocab_size, lora_r=lora_r, lora_params=lora, lora_linears_per_layer=adapted // max(layers, 1))
+                 vocab=text.vocab_size, lora_r=lora_r, lora_params=lora,
+                 lora_linears_per_layer=adapted // max(layers, 1))
 
 
 def activation_bytes_per_token(shape: Shape, method: str, half: bool, masters: bool = False) -> int:
@@ -95,7 +96,7 @@ def memory_estimate(shape: Shape, method: str, tokens: int, checkpointing: bool,
     """Peak training memory in bytes for `tokens` tokens per micro-batch: a breakdown.
 
     bf16: half-precision compute (bf16 or fp16 autocast). masters: full fine-tuning keeps float32
-    weights under that autocast (lab/capability.py; False: half-precision weights, model.dtype set
+    weights under that autocast (lab/device/capability.py; False: half-precision weights, model.dtype set
     so): 4 B weights + 4 B gradients + 8 B AdamW state per parameter, plus autocast's half copy of
     each weight, kept from forward to backward. liger: Liger's kernels keep no logits (fused linear
     cross-entropy), keep RMSNorm inputs in the model's dtype and recompute SwiGLU's activation.
@@ -246,7 +247,8 @@ def plan(backend: str, shape: Shape, method: str, train: dict, lengths: list[int
         decide("gradient_checkpointing", ckpt, ("memory requires it: " if ckpt else "memory allows it off: ") + why)
     if micro != micro0:
         decide("per_device_train_batch_size", micro, f"{why}; effective batch {effective} kept")
-        decide("gradient_accumulation_steps", effective // micro, f"micro-batch {micro} x {effective // micro} = {effective}")
+        decide("gradient_accumulation_steps", effective // micro,
+               f"micro-batch {micro} x {effective // micro} = {effective}")
     estimate = fits(micro, ckpt)
     memory = {"estimate_gib": {k: round(v / GiB, 2) for k, v in estimate.items()},
               "budget_gib": round(budget / GiB, 1), "tokens_per_micro_batch": micro * row_tokens}

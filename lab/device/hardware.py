@@ -6,20 +6,23 @@ Each row is merged under the recipe (the recipe's own keys and `hw.<backend>` ov
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+from pathlib import Path
 
 BACKENDS = ("cpu", "cuda", "rocm")
 
 DEFAULTS: dict[str, dict] = {
     # transformers refuses bf16 autocast on a CPU-only run unless told it is one.
     "cpu": {"train": {"use_cpu": True, "bf16": False}, "env": {}},
-    # GPUs: bf16 or fp16 mixed precision is decided from the device (lab/capability.py).
+    # GPUs: bf16 or fp16 mixed precision is decided from the device (lab/device/capability.py).
     "cuda": {"train": {}, "env": {}},
     # SDPA on gfx1151 needs AOTriton's experimental kernels (docs/platform.md: AMD gfx1151).
     "rocm": {"train": {}, "env": {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}},
 }
 
 
-# What the lab's speed plan (lab/speed.py) may choose per backend, over DEFAULTS; a recipe's own
+# What the lab's speed plan (lab/device/speed.py) may choose per backend, over DEFAULTS; a recipe's own
 # `train:` keys always win. `attention`: preference order, the first usable one is taken.
 # `packing`: TRL's best-fit decreasing when the data allow it. `liger`: Liger's fused kernels where
 # installed. `dense_mask_attention`: implementations that, given packed rows, keep every head's
@@ -80,7 +83,8 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _gpu(backend: str) -> bool:
+def gpu_usable(backend: str) -> bool:
+    """A GPU backend whose torch sees a device."""
     if backend == "cpu":
         return False
     import torch
@@ -99,11 +103,11 @@ def attention_usable(name: str, backend: str) -> bool:
             from transformers.utils import is_flash_attn_2_available
         except ImportError:
             return False
-        if not (_gpu(backend) and is_flash_attn_2_available()):
+        if not (gpu_usable(backend) and is_flash_attn_2_available()):
             return False
         import torch
 
-        from lab.capability import FLASH_ATTENTION_MIN_SM
+        from lab.device.capability import FLASH_ATTENTION_MIN_SM
 
         major, minor = torch.cuda.get_device_capability()
         return backend == "cuda" and major * 10 + minor >= FLASH_ATTENTION_MIN_SM
@@ -116,7 +120,7 @@ def kernel_usable(name: str, backend: str) -> bool:
     import shutil
 
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    return bool(compiler) and _gpu(backend) and _installed(name)
+    return bool(compiler) and gpu_usable(backend) and _installed(name)
 
 
 def amd_host(root: str = "/") -> dict | None:
@@ -173,51 +177,42 @@ def _group_name(gid: int) -> str | None:
         return None
 
 
-def doctor(hw: str = "auto") -> dict:
-    """What the lab sees here and what HW=auto (or `hw`) would pick: `lab doctor` prints it, with
-    every decision taken from the device (precision, weight dtype, AMD architecture) and why."""
-    from lab.manifest import hardware
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    backend = resolve_backend(hw)
-    seen = hardware(backend)
-    attention: dict = {}
-    kernels: dict = {}
-    decisions: list[dict] = []
-    problem = None
+
+def _memory_gib() -> float | None:
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        return round(kib / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def host(backend: str) -> dict:
+    """What a run ran on: CPU, memory, torch's CUDA/HIP, the GPUs and the driver (in every manifest)."""
+    info = {"backend": backend, "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": _memory_gib(),
+            "devices": []}
     try:
         import torch
-    except ImportError:  # a host that only drives containers
-        torch = None
-    if torch is not None:
-        seen["torch"] = torch.__version__
-        seen["bf16"] = bool(_gpu(backend) and torch.cuda.is_bf16_supported()) if backend != "cpu" else None
-        attention = {a: attention_usable(a, backend) for a in ("eager", "sdpa", "flex_attention", "flash_attention_2")}
-        kernels = {k: kernel_usable(k, backend) for k in ("liger_kernel", "triton")}
-        decisions, problem = _decisions(backend)
-    if backend == "rocm" or amd_arch():
-        arch, why = gpu_arch()
-        decisions.append({"setting": "GPU_ARCH", "value": arch, "why": f"{why}; torch's device-{arch} wheels "
-                          f"(make setup) and lab-train:rocm-{arch} (make images)"})
-    free = None
-    if torch is not None and (backend == "cpu" or _gpu(backend)):
-        from lab.speed import free_memory
-
-        free = round(free_memory(backend) / 2**30, 1)
-    return {**seen, "attention": attention, "kernels": kernels, "free_memory_gib": free, "gpu_problem": problem,
-            "decisions": decisions, "defaults": DEFAULTS[backend], "speed": SPEED[backend], "amd_host": amd_host()}
-
-
-def _decisions(backend: str, recipe_name: str = "identity-lora") -> tuple[list[dict], str | None]:
-    """The device's decisions for the default recipe, or why there is no device."""
-    from lab import capability
-    from lab.errors import LabError
-    from lab.recipe import load_recipe
-
-    try:
-        device = capability.detect(backend)
-        recipe = load_recipe(recipe_name, hw=backend, check_train=False)
-        _, _, decisions = capability.decide(recipe, device)
-    except LabError as e:
-        return [], str(e)
-    return [{"setting": "device", "value": device.name, "why": f"{device.arch or backend}, bf16 "
-             f"{'native' if device.bf16 else 'no'}"}, *decisions], None
+    except ImportError:
+        return info
+    info.update(torch_cuda=torch.version.cuda, torch_hip=getattr(torch.version, "hip", None))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            arch = getattr(p, "gcnArchName", None) or f"sm_{p.major}{p.minor}"
+            info["devices"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "arch": arch})
+        try:  # NVIDIA's driver version; ROCm reports its own through torch.version.hip
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["driver"] = out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info
