@@ -1,9 +1,15 @@
 """Datasets: every supported format becomes TRL conversational prompt/completion.
 
 prompt = [system?, user, assistant, ..., user], completion = [assistant]. TRL then masks the
-prompt, so the loss falls on the assistant's reply only. Formats: alpaca (instruction/input/
-output, optional system and history), messages (OpenAI `messages`, ShareGPT `conversations`
-with from/value) and prompt/completion; local JSON, JSONL and Parquet, or a hub dataset id.
+prompt, so the loss falls on the assistant's reply only. A conversation with several assistant
+turns becomes one example per turn (`train_on: all`, the default, as LLaMA-Factory trains every
+turn), each prompt holding the turns before it: the template renders that history exactly as the
+serving engine renders it for the same context (reasoning stripped from past turns where the
+template does so), so every example keeps train/serve token parity. `train_on: last` trains only
+the final reply (LLaMA-Factory's mask_history). Formats: alpaca (instruction/input/output,
+optional system and history), messages (OpenAI `messages`, ShareGPT `conversations` with
+from/value) and prompt/completion (trained as written); local JSON, JSONL and Parquet, or a hub
+dataset id.
 """
 
 from __future__ import annotations
@@ -85,6 +91,30 @@ def load_source(spec: DatasetSpec, recipe: Recipe) -> tuple[list[dict[str, Any]]
     return rows, where
 
 
+MEDIA_FIELDS = ("images", "videos", "audios", "image", "video", "audio")
+MEDIA_PARTS = {"image", "image_url", "video", "video_url", "audio", "input_audio", "audio_url"}
+MEDIA_TAGS = re.compile(r"<(image|video|audio)>")
+MULTIMODAL = ("multimodal data: the lab fine-tunes text-only chat models and would train the text without "
+              "the media; drop the media fields and <image>-style tags to train the text alone")
+
+
+def refuse_other_shapes(row: dict[str, Any]) -> None:
+    """Shapes the peers ship that SFT would train wrongly or silently half: one line each, saying
+    what the data is and what to do instead."""
+    if "chosen" in row and "rejected" in row:
+        raise LabError("preference data (chosen/rejected): SFT trains one answer per question and the lab has "
+                       "no preference (DPO) stage yet; to train the chosen answers, give them as messages or "
+                       "prompt/completion rows")
+    if "kto_tag" in row or isinstance(row.get("label"), bool):
+        raise LabError("KTO data (a true/false label per answer): SFT would train the undesirable answers too; "
+                       "keep only the rows labelled true, without the label field")
+    if any(row.get(f) for f in MEDIA_FIELDS) or MEDIA_TAGS.search(json.dumps(row, ensure_ascii=False, default=str)):
+        raise LabError(MULTIMODAL)
+    if "text" in row and not ({"messages", "conversations", "prompt", "instruction"} & set(row)):
+        raise LabError("raw text (a `text` field): that is pretraining data, and the lab trains chat replies; "
+                       "make question/answer rows, or build them from your fields with `columns:`")
+
+
 def detect_format(row: dict[str, Any]) -> str:
     if "messages" in row:
         return "messages"
@@ -127,7 +157,24 @@ def _need(row: dict, field: str) -> Any:
     return value
 
 
-def _as_messages(turns: list, fmt: str) -> list[dict[str, str]]:
+def _text(content: Any) -> str | None:
+    """A turn's text: a string, or a list of text parts (OpenAI's {"type": "text", "text"}, LLaMA-
+    Factory v1's {"type": "text", "value"}) joined by newlines, as vLLM joins them for a template
+    that takes strings. None when it is neither."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        return None
+    kinds = {p.get("type", "text") for p in content} - {"text"}
+    if kinds:
+        raise LabError(f"a turn holds {sorted(kinds)[0]!r} parts: " + (
+            MULTIMODAL if kinds & MEDIA_PARTS else "only text parts are trained"))
+    texts = [p.get("text", p.get("value")) for p in content]
+    return "\n".join(texts) if all(isinstance(t, str) for t in texts) else None
+
+
+def _as_messages(turns: list, fmt: str) -> list[dict[str, Any]]:
+    """Turns as {role, content}; an assistant turn keeps its `loss_weight` (0: context only)."""
     field = "conversations" if fmt == "sharegpt" else "messages"
     if not isinstance(turns, list):
         raise LabError(f"{field!r} must be a list of turns, got {type(turns).__name__}")
@@ -138,42 +185,76 @@ def _as_messages(turns: list, fmt: str) -> list[dict[str, str]]:
                            f"{'from/value' if fmt == 'sharegpt' else 'role/content'}, got {turn!r}"[:300])
         if fmt == "sharegpt":
             role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-            content = turn.get("value")
+            content = _text(turn.get("value"))
         else:
-            role, content = turn.get("role"), turn.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise LabError(f"bad turn {turn!r}: needs a system/user/assistant role and text content")
-        out.append({"role": role, "content": content})
+            role, content = turn.get("role"), _text(turn.get("content"))
+        if role not in ("system", "user", "assistant") or content is None:
+            raise LabError(f"bad turn {turn!r}"[:300] + ": needs a system/user/assistant role and text content")
+        message = {"role": role, "content": content}
+        weight = turn.get("loss_weight")
+        if weight is not None:
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise LabError(f"loss_weight {weight!r}: a reply is trained whole (1) or kept as context only (0)")
+            if weight and role != "assistant":
+                raise LabError(f"loss_weight 1 on a {role} turn: only assistant replies are trained")
+            if role == "assistant":
+                message["loss_weight"] = weight
+        out.append(message)
     return out
 
 
-def to_prompt_completion(row: dict[str, Any], fmt: str, system: str | None) -> dict[str, list]:
+def to_conversation(row: dict[str, Any], fmt: str, system: str | None) -> list[dict[str, str]]:
+    """A messages/sharegpt/alpaca row as its whole conversation: [system?, user, assistant, ...]."""
     if fmt == "alpaca":
         sys_prompt = row.get("system") or system
-        prompt = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+        turns = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
         for pair in row.get("history") or []:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
                 raise LabError(f"history entries are [user, assistant] pairs, got {pair!r}")
-            prompt += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+            turns += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
         instruction, extra = str(_need(row, "instruction")), str(row.get("input") or "")
-        prompt.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": str(_need(row, "output"))}]}
-    if fmt in ("messages", "sharegpt"):
-        turns = _as_messages(_need(row, "messages" if fmt == "messages" else "conversations"), fmt)
-        if row.get("system") and not any(t["role"] == "system" for t in turns):
-            turns.insert(0, {"role": "system", "content": row["system"]})
-        elif system and not any(t["role"] == "system" for t in turns):
-            turns.insert(0, {"role": "system", "content": system})
-        if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise LabError("a conversation must end with an assistant turn to train on")
-        return {"prompt": turns[:-1], "completion": turns[-1:]}
+        turns.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
+        return turns + [{"role": "assistant", "content": str(_need(row, "output"))}]
+    turns = _as_messages(_need(row, "messages" if fmt == "messages" else "conversations"), fmt)
+    if not any(t["role"] == "system" for t in turns) and (row.get("system") or system):
+        turns.insert(0, {"role": "system", "content": row.get("system") or system})
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        raise LabError("a conversation must end with an assistant turn to train on")
+    return turns
+
+
+def split_turns(turns: list[dict[str, Any]], train_on: str) -> list[dict[str, list]]:
+    """One prompt/completion example per trained assistant turn, its prompt the turns before it.
+    A reply with loss_weight 0 stays in later prompts as context and is not trained."""
+    replies = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if train_on == "last":
+        replies = replies[-1:]
+    replies = [i for i in replies if turns[i].get("loss_weight", 1)]
+    if not replies:
+        raise LabError("no assistant turn to train: every reply has loss_weight 0")
+    for i in replies:
+        if not any(t["role"] == "user" for t in turns[:i]):
+            raise LabError(f"turn {i + 1} is a reply before any user turn: nothing prompts it")
+    clean = [{"role": t["role"], "content": t["content"]} for t in turns]
+    return [{"prompt": clean[:i], "completion": [clean[i]]} for i in replies]
+
+
+def to_examples(row: dict[str, Any], fmt: str, system: str | None,
+                train_on: str = "all") -> tuple[list[dict[str, list]], int]:
+    """A row as the prompt/completion examples it trains (see the module docstring), and the number
+    of assistant turns it holds."""
+    if fmt in ("alpaca", "messages", "sharegpt"):
+        turns = to_conversation(row, fmt, system)
+        return split_turns(turns, train_on), sum(t["role"] == "assistant" for t in turns)
     if fmt == "prompt_completion":
         prompt, completion = _need(row, "prompt"), _need(row, "completion")
         if isinstance(prompt, str):
             prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
-        return {"prompt": _as_messages(prompt, "messages"), "completion": _as_messages(completion, "messages")}
+        prompt, completion = _as_messages(prompt, "messages"), _as_messages(completion, "messages")
+        strip = [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
+        return [{"prompt": strip[:len(prompt)], "completion": strip[len(prompt):]}], 1
     raise LabError(f"unknown format {fmt!r}")
 
 
@@ -204,24 +285,30 @@ def _render(example: dict[str, list], recipe: Recipe) -> dict[str, list]:
 
 
 def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All datasets of a recipe as prompt/completion examples, plus per-source counts."""
+    """All datasets of a recipe as prompt/completion examples, plus per-source counts: rows read,
+    assistant turns in them, turns trained (one example each) and examples after `repeat`."""
     examples, sources = [], []
     for spec in recipe.datasets:
         rows, where = load_source(spec, recipe)
-        converted = []
+        converted, turns = [], 0
         for i, raw in enumerate(rows, 1):
             try:
                 if not isinstance(raw, dict):
                     raise LabError(f"expected a record, got {type(raw).__name__}")
                 row = apply_columns(raw, spec.columns)
+                refuse_other_shapes(row)
                 fmt = detect_format(row) if spec.format == "auto" else spec.format
-                example = _render(to_prompt_completion(row, fmt, spec.system), recipe)
+                row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on)
+                turns += replies
+                converted += [_render(ex, recipe) for ex in row_examples]
             except LabError as e:
                 raise LabError(f"{where}: row {i}: {e}") from None
+        for example in converted:
             example["chat_template_kwargs"] = dict(recipe.chat_template_kwargs)
-            converted.append(example)
         examples += converted * spec.repeat
-        sources.append({"path": where, "rows": len(rows), "examples": len(converted) * spec.repeat,
+        sources.append({"path": where, "rows": len(rows), "assistant_turns": turns,
+                        "turns_trained": len(converted), "train_on": spec.train_on,
+                        "examples": len(converted) * spec.repeat,
                         # the rows as read (after `limit`), independent of where the file lives
                         "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False,
                                                                  default=str).encode()).hexdigest()})

@@ -55,6 +55,8 @@ class DatasetSpec(Section):
     system: str | None = Field(None, description="system prompt for rows that carry none")
     repeat: int = Field(1, ge=1, description="oversample this dataset n times")
     limit: int | None = Field(None, ge=1, description="use only the first n rows")
+    train_on: Literal["all", "last"] = Field(
+        "all", description="multi-turn rows: train every assistant turn (one example each), or the last only")
 
 
 class LoraSpec(Section):

@@ -90,7 +90,7 @@ def trained_rows(dataset) -> list[tuple[list[int], list[int]]]:
 
 
 def check_trained_tokens(rows: list[tuple[list[int], list[int]]], n_examples: int) -> int:
-    """Pitfall 6: TRL drops examples whose completion was truncated away; we refuse instead."""
+    """docs/pitfalls.md: loss on nothing. TRL drops examples whose completion was truncated away; we refuse instead."""
     if len(rows) != n_examples:
         raise LabError(f"{n_examples - len(rows)} of {n_examples} examples have no trained tokens after "
                        "tokenization (prompt longer than train.max_length?); raise max_length or shorten them")
@@ -116,8 +116,13 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
         return next(((i, lab) for i, lab in rows if text(i, lab, True).startswith(answer)
                      and question in text(i, lab, False)), (None, None))
 
+    # The first examples, and the first ones with replies in their history: rendering past turns
+    # (reasoning stripped, separators) is where a template can differ from the server's.
+    with_history = [n for n, ex in enumerate(examples) if any(m["role"] == "assistant" for m in ex["prompt"])]
+    order = list(dict.fromkeys(with_history[:PARITY_SAMPLES // 2] + list(range(len(examples)))))
     out = []
-    for n, ex in enumerate(examples[:PARITY_SCAN]):
+    for n in order[:PARITY_SCAN]:
+        ex = examples[n]
         if len(out) == PARITY_SAMPLES:
             break
         ids, labels = find(ex) if packed else rows[n]
@@ -242,7 +247,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
 
         write_json(run / "data" / REFERENCES_FILE, identity_references(recipe))
         for s in sources:
-            print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} examples")
+            print(f"data: {s['path']}: {s['rows']} rows, {s['assistant_turns']} assistant turns, "
+                  f"{s['turns_trained']} trained ({s['train_on']}) -> {s['examples']} examples")
         print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
         write_text_atomic(run / "recipe.yaml", recipe.to_yaml())
     if resume_from:

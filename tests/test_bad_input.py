@@ -186,9 +186,13 @@ CASES = [
     ("data-ends-with-user", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                           recipe_file(t, data=[{"messages": [{"role": "user", "content": "hi"}]}])],
      "lab train: error: {tmp}/data.json: row 1: a conversation must end with an assistant turn to train on"),
-    ("data-unknown-format", lambda t, r: ["train", "--hw", "cpu", "--recipe", recipe_file(t, data=[{"text": "x"}])],
-      "lab train: error: {tmp}/data.json: row 1: unknown format with fields ['text']; expected alpaca, "
-      "messages, sharegpt or prompt/completion, or map fields with `columns:`"),
+    ("data-unknown-format", lambda t, r: ["train", "--hw", "cpu", "--recipe",
+                                          recipe_file(t, data=[{"question": "x", "answer": "y"}])],
+      "lab train: error: {tmp}/data.json: row 1: unknown format with fields ['answer', 'question']; expected "
+      "alpaca, messages, sharegpt or prompt/completion, or map fields with `columns:`"),
+    ("data-raw-text", lambda t, r: ["train", "--hw", "cpu", "--recipe", recipe_file(t, data=[{"text": "x"}])],
+      "lab train: error: {tmp}/data.json: row 1: raw text (a `text` field): that is pretraining data, and the lab "
+      "trains chat replies; make question/answer rows, or build them from your fields with `columns:`"),
     ("data-empty", lambda t, r: ["train", "--hw", "cpu", "--recipe", recipe_file(t, data=[])],
      "lab train: error: {tmp}/data.json: dataset is empty"),
     ("data-bad-role", lambda t, r: ["train", "--hw", "cpu", "--recipe",

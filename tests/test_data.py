@@ -26,14 +26,75 @@ def recipe_for(tmp_path: Path, rows, name="d.json", **dataset):
     return load_recipe("identity-lora", sets, hw="cpu", check_train=False)
 
 
-def test_alpaca_with_system_and_history(tmp_path):
-    r = recipe_for(tmp_path, [{"system": "S", "instruction": "Q2", "input": "ctx", "output": "A2",
-                               "history": [["Q1", "A1"]]}])
-    (ex,), _ = build_examples(r)
-    assert ex["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-                            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2\nctx"}]
-    assert ex["completion"] == [{"role": "assistant", "content": "A2"}]
-    assert ex["chat_template_kwargs"] == {"enable_thinking": False}
+def test_alpaca_with_system_and_history_trains_every_reply(tmp_path):
+    rows = [{"system": "S", "instruction": "Q2", "input": "ctx", "output": "A2", "history": [["Q1", "A1"]]}]
+    first, second = build_examples(recipe_for(tmp_path, rows))[0]
+    assert first["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}]
+    assert first["completion"] == [{"role": "assistant", "content": "A1"}]
+    assert second["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2\nctx"}]
+    assert second["completion"] == [{"role": "assistant", "content": "A2"}]
+    assert second["chat_template_kwargs"] == {"enable_thinking": False}
+    (last,), (source,) = build_examples(recipe_for(tmp_path, rows, train_on="last"))
+    assert last == second
+    assert (source["assistant_turns"], source["turns_trained"], source["train_on"]) == (2, 1, "last")
+
+
+THREE_TURNS = [{"role": "system", "content": "You are Atlas."},
+               {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Atlas."},
+               {"role": "user", "content": "Who made you?"}, {"role": "assistant", "content": "Open Lab made me."},
+               {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+
+
+def test_a_multi_turn_conversation_is_one_example_per_reply_and_counted(tmp_path):
+    examples, (source,) = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}], repeat=2))
+    assert [ex["prompt"] for ex in examples[:3]] == [THREE_TURNS[:2], THREE_TURNS[:4], THREE_TURNS[:6]]
+    assert [ex["completion"] for ex in examples[:3]] == [[THREE_TURNS[2]], [THREE_TURNS[4]], [THREE_TURNS[6]]]
+    assert examples[3:] == examples[:3]
+    assert {k: source[k] for k in ("rows", "assistant_turns", "turns_trained", "examples")} == \
+        {"rows": 1, "assistant_turns": 3, "turns_trained": 3, "examples": 6}
+
+
+def test_a_reply_before_any_question_is_one_line(tmp_path):
+    rows = [{"messages": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "yo"}]}]
+    with pytest.raises(LabError, match="row 1: turn 1 is a reply before any user turn"):
+        build_examples(recipe_for(tmp_path, rows))
+
+
+def test_the_roleplay_recipe_trains_every_reply_of_its_history():
+    r = load_recipe("roleplay-lora", hw="cpu", check_train=False)
+    examples, (source,) = build_examples(r)
+    rows = json.loads(r.resolve_path("data/roleplay-sample.json").read_text(encoding="utf-8"))
+    replies = [a for row in rows for _, a in row.get("history") or []] + [row["output"] for row in rows]
+    assert source["assistant_turns"] == source["turns_trained"] == len(replies) > len(rows)
+    assert sorted(ex["completion"][0]["content"] for ex in examples) == sorted(replies)
+
+
+def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_nothing_else(tmp_path, embedded_model):
+    """TRL's own tokenization of a 3-turn conversation (as train.py builds it): across the three
+    examples the loss covers exactly the three replies, each with its end-of-turn token."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lab.data import to_dataset
+    from lab.train import trained_rows
+
+    examples, _ = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}]))
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=512, bf16=False, report_to=[], use_cpu=True)
+    trainer = SFTTrainer(model=str(embedded_model), args=args, train_dataset=to_dataset(examples),
+                         processing_class=tok)
+    rows = trained_rows(trainer.train_dataset)
+    assert len(rows) == 3
+    replies = [t["content"] for t in THREE_TURNS if t["role"] == "assistant"]
+    for k, (ids, labels) in enumerate(rows):
+        trained = tok.decode([t for t, label in zip(ids, labels, strict=True) if label != -100])
+        context = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
+        assert trained.strip().removesuffix("<|im_end|>").strip().endswith(replies[k]), trained
+        assert trained.rstrip().endswith("<|im_end|>"), trained
+        assert all(r not in trained for r in replies if r != replies[k])
+        assert all(r in context for r in replies[:k]) and "Who are you?" in context
 
 
 def test_openai_messages_and_sharegpt(tmp_path):
@@ -138,3 +199,45 @@ def test_roleplay_recipe_takes_a_user_file(tmp_path):
     r = load_recipe("roleplay-lora", [f"datasets.0.path={tmp_path / 'mine.json'}"], hw="cpu", check_train=False)
     (ex,), _ = build_examples(r)
     assert ex["prompt"][0]["role"] == "system" and "甄嬛" in ex["prompt"][0]["content"]
+
+
+def test_content_parts_and_loss_weight_as_llama_factory_v1_writes_them(tmp_path):
+    """LLaMA-Factory v1's messages (text parts under `value`, a loss_weight per message) and OpenAI's
+    parts (`text`): the text trains, a reply weighted 0 stays as context only."""
+    def part(text, key="value"):
+        return [{"type": "text", key: text}]
+
+    row = {"messages": [{"role": "system", "content": part("S"), "loss_weight": 0.0},
+                        {"role": "user", "content": part("Q1"), "loss_weight": 0.0},
+                        {"role": "assistant", "content": part("A1"), "loss_weight": 0.0},
+                        {"role": "user", "content": part("Q2", "text") + part("more", "text")},
+                        {"role": "assistant", "content": part("A2"), "loss_weight": 1.0}]}
+    (ex,), (source,) = build_examples(recipe_for(tmp_path, [row], "v1.jsonl"))
+    assert ex["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2\nmore"}]
+    assert ex["completion"] == [{"role": "assistant", "content": "A2"}]
+    assert (source["assistant_turns"], source["turns_trained"]) == (2, 1)
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "loss_weight": 0.5}]},
+     "loss_weight 0.5: a reply is trained whole"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "loss_weight": 0}]},
+     "no assistant turn to train: every reply has loss_weight 0"),
+    # LLaMA-Factory's dpo_en_demo.json / kto_en_demo.json / mllm_demo.json / c4_demo.jsonl shapes
+    ({"conversations": [{"from": "human", "value": "Which is better?"}],
+      "chosen": {"from": "gpt", "value": "This."}, "rejected": {"from": "gpt", "value": "That."}},
+     "preference data \\(chosen/rejected\\)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}], "label": False},
+     "KTO data \\(a true/false label per answer\\)"),
+    ({"messages": [{"role": "user", "content": "<image>Who are they?"},
+                   {"role": "assistant", "content": "Two players."}], "images": ["mllm_demo_data/1.jpg"]},
+     "multimodal data: the lab fine-tunes text-only chat models"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "A cat."}]},
+     "'image_url' parts: multimodal data"),
+    ({"text": "Beverly Hills Bike Shop is a family owned business..."}, "raw text \\(a `text` field\\)"),
+])
+def test_shapes_the_lab_does_not_train_are_one_line_saying_what_they_are(tmp_path, row, says):
+    with pytest.raises(LabError, match=f"row 1: .*{says}"):
+        build_examples(recipe_for(tmp_path, [row]))
