@@ -38,8 +38,10 @@ MAPPED_KEYS = {"profiles", "image", "build", "entrypoint", "command", "user", "e
                "volumes", "ports", "healthcheck", "devices", "group_add", "security_opt", "ipc", "shm_size",
                "deploy", "cap_drop", "cap_add", "read_only", "tmpfs", "pids_limit"}
 
-_VAR = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+# ${NAME}, ${NAME:-default} (and -, :?, ?), $NAME; a default may itself hold ${...} (innermost first).
+_VAR = re.compile(r"\$(?:\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>(?:[^}$]|\$(?!\{))*))?\}"
                   r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_LITERAL_DOLLAR = "\x00"
 
 
 def interpolate(value, env: dict[str, str]):
@@ -52,8 +54,6 @@ def interpolate(value, env: dict[str, str]):
         return value
 
     def sub(m: re.Match) -> str:
-        if m["dollar"]:
-            return "$"
         name = m["name"] or m["bare"]
         have = env.get(name)
         op, arg = m["op"], m["arg"] or ""
@@ -61,9 +61,14 @@ def interpolate(value, env: dict[str, str]):
             if op.endswith("?"):
                 raise LabError(f"compose.yaml: {name} must be set ({arg or 'required'})")
             return arg
-        return have or ""
+        return (have or "").replace("$", _LITERAL_DOLLAR)  # a value is never interpolated again
 
-    return _VAR.sub(sub, value)
+    text = value.replace("$$", _LITERAL_DOLLAR)
+    while True:  # nested defaults resolve from the inside out
+        new = _VAR.sub(sub, text)
+        if new == text:
+            return new.replace(_LITERAL_DOLLAR, "$")
+        text = new
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -161,9 +166,31 @@ def user_mount(host_path: Path | str) -> str:
     return f"{p}:{p}:ro"
 
 
+# The host's choice of GPUs, per device-request driver: a container then gets those devices only
+# (numbered from 0 inside, so the variable itself is not passed on). AMD's containers mount every
+# /dev/dri node and take HIP_VISIBLE_DEVICES/ROCR_VISIBLE_DEVICES as they are (compose.yaml).
+VISIBLE_DEVICES = {"nvidia": ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")}
+
+
+def device_request(spec: dict):
+    """A compose GPU reservation as the SDK's DeviceRequest, narrowed to the host's visible devices."""
+    import docker
+
+    driver, ids, count = spec.get("driver", ""), spec.get("device_ids"), spec.get("count")
+    for var in VISIBLE_DEVICES.get(driver, ()):
+        value = os.environ.get(var)
+        if value is None or value.strip().lower() == "all":
+            continue
+        ids = [d.strip() for d in value.split(",") if d.strip()]
+        if not ids:
+            raise LabError(f"{var}={value!r} hides every GPU; name the devices (e.g. {var}=0,1) or unset it")
+        break
+    return docker.types.DeviceRequest(driver=driver, count=0 if ids else -1 if count in (None, "all") else int(count),
+                                      device_ids=ids, capabilities=[list(spec.get("capabilities") or [])])
+
+
 def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None = None) -> dict:
     """One compose service as keyword arguments of the SDK's containers.create/run."""
-    import docker
 
     env = {}
     for path in ([svc["env_file"]] if isinstance(svc.get("env_file"), str) else svc.get("env_file") or []):
@@ -211,11 +238,7 @@ def run_kwargs(svc: dict, command: list[str] | None = None, network: str | None 
         kw["pids_limit"] = int(svc["pids_limit"])
     gpus = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
     if gpus:
-        kw["device_requests"] = [
-            docker.types.DeviceRequest(driver=d.get("driver", ""),
-                                       count=-1 if d.get("count") == "all" else int(d.get("count", -1)),
-                                       device_ids=d.get("device_ids"), capabilities=[list(d.get("capabilities") or [])])
-            for d in gpus]
+        kw["device_requests"] = [device_request(d) for d in gpus]
     check = svc.get("healthcheck")
     if check:
         kw["healthcheck"] = {"test": check["test"], "interval": _duration_ns(check.get("interval", "30s")),

@@ -140,7 +140,8 @@ class Docker:
     def env(self, **extra: str) -> dict[str, str]:
         uid, gid = container_user()
         env = {"LAB_RUNS_DIR": str(runs.RUNS_DIR.resolve()), "LAB_CACHE_DIR": str(self.cache_dir),
-               "LAB_HF_HOME": str(self.hf_home), "LAB_UID": str(uid), "LAB_GID": str(gid)}
+               "LAB_HF_HOME": str(self.hf_home), "LAB_HF_HUB_CACHE": str(hf_hub_cache()),
+               "LAB_UID": str(uid), "LAB_GID": str(gid)}
         if Path("/dev/kfd").exists():  # AMD: the host's numeric render group (not a name the image knows)
             env["LAB_RENDER_GID"] = str(Path("/dev/kfd").stat().st_gid)
         if self.backend == "rocm":  # which lab-train:rocm-<arch> image: this host's GPU unless GPU_ARCH says
@@ -198,8 +199,9 @@ class Docker:
     def lab(self, *argv: str, log: Path, run: Path | None = None) -> None:
         """`python -m lab ARGV` in the training container (labelled with the run it works on)."""
         self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab")
-        if not self.hf_home.exists():  # a new HF cache for downloads; an existing one keeps its owner
-            self._writable(self.hf_home)
+        for cache in (self.hf_home, hf_hub_cache()):  # a new HF cache for downloads; an existing one keeps its owner
+            if not cache.exists():
+                self._writable(cache)
         svc = self.service("train")
         if run is not None:
             alive = self.c.lab_containers(**{RUN_LABEL: str(run.resolve())})
@@ -314,6 +316,13 @@ def hf_home() -> Path:
     mounted at /cache/huggingface in the containers, so a model downloaded once serves both."""
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
     return Path(home).expanduser().resolve()
+
+
+def hf_hub_cache() -> Path:
+    """Where the host's hub downloads live: HF_HUB_CACHE when set (huggingface_hub reads it before
+    HF_HOME), else $HF_HOME/hub. Mounted at /cache/huggingface/hub, where the images' HF_HOME looks."""
+    cache = os.environ.get("HF_HUB_CACHE")
+    return Path(cache).expanduser().resolve() if cache else hf_home() / "hub"
 
 
 def choose(name: str, backend: str, recipe_argv: list[str], recipe: Recipe | None = None) -> Runtime:

@@ -30,6 +30,11 @@ def test_interpolation_follows_compose():
     assert containers.interpolate("${SET}-${UNSET:-d}-${EMPTY:-d}-${EMPTY-d}-${UNSET-d}-$$-$SET", env) == "x-d-d--d-$-x"
     with pytest.raises(LabError, match="UNSET must be set"):
         containers.interpolate("${UNSET:?give it}", env)
+    # a default that is itself a variable (compose resolves it inside out); $$ and values stay literal
+    nested = "${A:-${B:-./cache}/hub}"
+    assert [containers.interpolate(nested, e) for e in ({}, {"B": "/hf"}, {"A": "/hub", "B": "/hf"})] == \
+        ["./cache/hub", "/hf/hub", "/hub"]
+    assert containers.interpolate("$${SET}-${V}", {"SET": "x", "V": "${SET}"}) == "${SET}-${SET}"
 
 
 def test_every_hardware_has_a_train_and_a_serve_service():
@@ -227,3 +232,56 @@ def test_docker_runtime_without_an_engine_is_one_line(tmp_path):
 def test_compose_cli_is_available_for_users():
     """compose.yaml is also the file users run by hand; its binary is pinned in requirements/dev.txt."""
     assert shutil.which("docker-compose", path=str(BIN))
+
+
+HOST_ENV = {"HF_ENDPOINT": "https://hf-mirror.com", "HTTPS_PROXY": "http://proxy:3128", "no_proxy": "localhost",
+            "PIP_INDEX_URL": "https://mirrors.example/simple"}
+
+
+def test_the_hosts_hub_mirror_proxies_and_index_pass_through(monkeypatch):
+    for key, value in HOST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    for hw in HW:
+        env = containers.run_kwargs(containers.service(f"train-{hw}"))["environment"]
+        assert {k: env.get(k) for k in HOST_ENV} == HOST_ENV
+        assert "CUDA_VISIBLE_DEVICES" not in env  # the devices themselves are narrowed (below)
+    for key in HOST_ENV:
+        monkeypatch.delenv(key)
+    assert not set(HOST_ENV) & set(containers.run_kwargs(containers.service("train-cpu"))["environment"])
+
+
+@pytest.mark.parametrize("var,value,ids", [("CUDA_VISIBLE_DEVICES", "1,3", ["1", "3"]),
+                                           ("NVIDIA_VISIBLE_DEVICES", "GPU-5f1c", ["GPU-5f1c"]),
+                                           ("CUDA_VISIBLE_DEVICES", "all", None)])
+def test_a_container_gets_the_gpus_the_host_selected(monkeypatch, var, value, ids):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(var, value)
+    for role in ("train", "serve"):
+        (gpu,) = containers.run_kwargs(containers.service(f"{role}-cuda"))["device_requests"]
+        assert gpu["DeviceIDs"] == (ids or []) and gpu["Count"] == (0 if ids else -1)
+
+
+def test_amd_selection_passes_through_and_an_empty_one_is_refused(monkeypatch):
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "0,1")
+    for role in ("train", "serve"):
+        env = containers.run_kwargs(containers.service(f"{role}-rocm"))["environment"]
+        assert (env["HIP_VISIBLE_DEVICES"], env["ROCR_VISIBLE_DEVICES"]) == ("1", "0,1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(LabError, match="CUDA_VISIBLE_DEVICES='' hides every GPU"):
+        containers.run_kwargs(containers.service("train-cuda"))
+
+
+def test_the_hosts_hf_hub_cache_is_mounted_where_the_images_look(monkeypatch, tmp_path):
+    from lab.runtime import hf_home, hf_hub_cache
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert hf_hub_cache() == hf_home() / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hf_hub_cache() == tmp_path / "hub"
+    for name, mode in (("train-cpu", "rw"), ("serve-cpu", "ro")):
+        svc = containers.service(name, {"LAB_HF_HUB_CACHE": str(tmp_path / "hub")})
+        volumes = containers.run_kwargs(svc)["volumes"]
+        assert volumes[str(tmp_path / "hub")] == {"bind": "/cache/huggingface/hub", "mode": mode}

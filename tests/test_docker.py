@@ -63,6 +63,34 @@ def test_images_run_as_their_non_root_user(images):
     assert "NVIDIA Container Toolkit" in said[0] and "no /dev/kfd" in said[1]
 
 
+def test_a_live_container_gets_the_hosts_mirror_proxy_hub_cache_and_gpu_choice(images, monkeypatch, tmp_path):
+    """What the engine records for a container the docker runtime creates (created, not started: this
+    machine has no GPU; the GPU reservation is train-cuda's, on the CPU image)."""
+    from lab.runtime import Docker
+
+    host = {"HF_ENDPOINT": "https://hf-mirror.com", "HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "localhost",
+            "PIP_INDEX_URL": "https://mirrors.example/simple", "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "CUDA_VISIBLE_DEVICES": "1,3"}
+    for key, value in host.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "hub").mkdir()
+    svc = Docker("cpu", []).spec("train")
+    svc["deploy"] = containers.service("train-cuda")["deploy"]
+    container = images.containers.create(**containers.run_kwargs(svc, ["--help"]))
+    try:
+        attrs = images.api.inspect_container(container.id)
+    finally:
+        container.remove(force=True)
+    env = dict(e.split("=", 1) for e in attrs["Config"]["Env"])
+    assert {k: env.get(k) for k in ("HF_ENDPOINT", "HTTPS_PROXY", "NO_PROXY", "PIP_INDEX_URL")} == \
+        {k: host[k] for k in ("HF_ENDPOINT", "HTTPS_PROXY", "NO_PROXY", "PIP_INDEX_URL")}
+    assert "CUDA_VISIBLE_DEVICES" not in env and env["HF_HOME"] == "/cache/huggingface"
+    (gpus,) = attrs["HostConfig"]["DeviceRequests"]
+    assert gpus["Driver"] == "nvidia" and gpus["DeviceIDs"] == ["1", "3"]
+    mounts = {m["Destination"]: m["Source"] for m in attrs["Mounts"]}
+    assert mounts["/cache/huggingface/hub"] == str(tmp_path / "hub")
+
+
 def user_files(tmp_path, hub_id: str) -> Path:
     """A user's own recipe outside the repo, as a user writes one: a hub model, datasets beside it
     and elsewhere, its own probe questions and its own vLLM config (world-readable, as a file a
