@@ -189,6 +189,9 @@ def merge(run: Path) -> Path:
         print(f"merge: {merged} is already merged; nothing to do")
         return merged
     info = read_json(run / "train.json", "make train")
+    if info.get("dpo") == "pending":
+        raise LabError(f"{run.name}: SFT finished but its DPO stage did not; `make train RUN={run.name} RESUME=1` "
+                       "continues it")
     trained = run / info["output"]
     if not trained.is_dir():
         raise LabError(f"{trained} is missing; `make train` produces it")
@@ -204,17 +207,33 @@ def merge(run: Path) -> Path:
     base, dtype = info["base_model"], getattr(torch, info["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     device, reference = "cpu", []  # a full fine-tune is only re-saved: no compute, the CPU is enough
+    quantize = info.get("quantize", "none")
     if info["method"] == "lora":
         from peft import PeftModel
 
+        from lab.models import quantization_config
+
         device = merge_device(base, dtype)
         # safetensors only (pickle can run code), unless the recipe opted in for its base model
+        load = dict(dtype=dtype, use_safetensors=not recipe.model.allow_pickle,
+                    device_map=device if device != "cpu" else None)
+        quantized = quantization_config(quantize, info["dtype"])
+        # the reference: the adapter on the base it trained against (QLoRA: the NF4 base)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-            base, dtype=dtype, use_safetensors=not recipe.model.allow_pickle,
-            device_map=device if device != "cpu" else None), trained).eval()
+            base, quantization_config=quantized, **load), trained).eval()
         probe = load_questions(recipe)
         reference = reference_predictions(model, tokenizer, [q["q"] for q in probe["identity"] + probe["controls"]],
                                           kwargs)
+        if quantized is not None:
+            # Never merged into 4-bit weights (peft would round the sum back to NF4): into the NF4
+            # base dequantized (what was trained), or, on purpose, into the original base.
+            del model
+            _free()
+            into = recipe.lora.merge_into
+            plain = (AutoModelForCausalLM.from_pretrained(base, quantization_config=quantized, **load).dequantize()
+                     .to(dtype) if into == "dequantized" else AutoModelForCausalLM.from_pretrained(base, **load))
+            model = PeftModel.from_pretrained(plain, trained).eval()
+            print(f"merge: QLoRA adapter into the {'dequantized NF4' if into == 'dequantized' else 'original'} base")
         model = model.merge_and_unload()  # into the base's own weights, in place: still one copy
     else:
         model = AutoModelForCausalLM.from_pretrained(trained, dtype=dtype, use_safetensors=True).eval()
@@ -237,7 +256,10 @@ def merge(run: Path) -> Path:
             agreed = agreement(saved, reference)
             del saved
             _free()
-            if agreed["share"] < AGREEMENT_MIN[info["dtype"]]:
+            # the original base under a QLoRA adapter differs by the quantization error: recorded, and
+            # held to the half-precision bar; every other merge to its dtype's
+            least = AGREEMENT_MIN["bfloat16" if quantize != "none" else info["dtype"]]
+            if agreed["share"] < least:
                 q, i, want, got = agreed["first"]
                 raise LabError(f"merged model disagrees with adapter-on-base on {1 - agreed['share']:.0%} of "
                                f"{agreed['positions']} next-token predictions (up to {AGREEMENT_TOKENS} greedy "
@@ -245,6 +267,8 @@ def merge(run: Path) -> Path:
                                f"{tokenizer.decode([want])!r} vs {tokenizer.decode([got])!r}")
             checks.update(greedy_agreement=round(agreed["share"], 4), agreement_positions=agreed["positions"],
                           max_logit_diff=round(agreed["max_logit_diff"], 6))
+        if quantize != "none":
+            checks["qlora"] = {"quantize": quantize, "merged_into": recipe.lora.merge_into}
         write_json(tmp / MERGE_RECORD, {"base_model": base, "method": info["method"], "dtype": info["dtype"],
                                         "device": device, "checks": checks})
         shutil.rmtree(merged, ignore_errors=True)

@@ -210,3 +210,16 @@ def snapshot_commit(model_dir: str | Path) -> str | None:
     """The commit a hub snapshot directory was downloaded at (None for any other directory)."""
     p = Path(model_dir)
     return p.name if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--") else None
+
+
+def quantization_config(quantize: str, dtype: str):
+    """transformers' BitsAndBytesConfig for a QLoRA base (None: not quantized): NF4 with double
+    quantization, computing in the training dtype. bitsandbytes' one wheel carries CPU, CUDA and
+    ROCm builds (gfx1151 included)."""
+    if quantize == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lab import ROOT
 from lab.device.hardware import BACKENDS, resolve_backend
@@ -64,6 +64,11 @@ class LoraSpec(Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    # QLoRA (`method: qlora` sets nf4): the frozen base in bitsandbytes' NF4 with double quantization
+    quantize: Literal["none", "nf4"] = "none"
+    # what a QLoRA adapter is merged into: the NF4 base dequantized (what it trained against), or the
+    # original 16/32-bit base (the quantization error then changes the model; the gap is recorded)
+    merge_into: Literal["dequantized", "original"] = "dequantized"
 
 
 class IdentitySpec(Section):
@@ -150,10 +155,13 @@ class Recipe(Section):
     name: str
     description: str = ""
     model: ModelSpec = ModelSpec()
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full"] = "lora"  # (or qlora: see LoraSpec.quantize)
     datasets: list[DatasetSpec] = Field(min_length=1)
     lora: LoraSpec = LoraSpec()
     train: dict[str, Any] = Field({}, description="TRL SFTConfig fields, passed through by name")
+    # A DPO stage after SFT (lab/dpo.py): TRL DPOConfig fields by name (beta, learning_rate, ...);
+    # {} runs it with the lab's defaults, absent (null) runs none.
+    dpo: dict[str, Any] | None = None
     # Rendered into the chat template at training and serving time alike (docs/pitfalls.md: template drift).
     chat_template_kwargs: dict[str, Any] = {"enable_thinking": False}
     identity: IdentitySpec = IdentitySpec()
@@ -172,6 +180,15 @@ class Recipe(Section):
     hw: dict[Literal["cpu", "cuda", "rocm"], dict[str, Any]] = {}
     # Per-model overlays, keyed by model.path (applied after `hw`, before command-line overrides).
     models: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora(cls, data: Any) -> Any:
+        """`method: qlora` is LoRA on an NF4-quantized base: method lora, lora.quantize nf4."""
+        if isinstance(data, dict) and data.get("method") == "qlora":
+            lora = data.get("lora") if isinstance(data.get("lora"), dict) else {}
+            data = {**data, "method": "lora", "lora": {**lora, "quantize": "nf4"}}
+        return data
 
     @field_validator("train", mode="before")
     @classmethod
@@ -412,6 +429,29 @@ def check_train_keys(train: dict[str, Any], allow: list[str] | None = None) -> l
     return problems
 
 
+def check_dpo(dpo: Any, method: Any) -> list[str]:
+    """The dpo section: a mapping of DPOConfig fields, on a LoRA recipe."""
+    if dpo is None:
+        return []
+    problems = [] if method == "lora" else [
+        f"dpo needs method: lora (its reference model is a frozen copy of the SFT adapter), not {method!r}"]
+    if not isinstance(dpo, dict):
+        return problems
+    try:
+        from trl import DPOConfig
+    except ImportError:  # a harness-only host (RUNTIME=docker): the training container checks them
+        return problems
+    known = {f.name for f in dataclasses.fields(DPOConfig)}
+    for key in dpo:
+        if key in LAB_OWNED_TRAIN_KEYS:
+            problems.append(f"dpo.{key} is set by the lab")
+        elif key not in known:
+            problems.append(f"unknown key 'dpo.{key}' (not a DPOConfig field){_close(key, known)}")
+        elif key in GUARDED_TRAIN_KEYS:
+            problems.append(f"dpo.{key} {GUARDED_TRAIN_KEYS[key]}; not allowed in the DPO stage")
+    return problems
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -479,6 +519,9 @@ def load_recipe(
         problems += train_value_problems(merged["train"])
         problems += check_train_keys(merged["train"], merged.get("allow") if isinstance(merged.get("allow"), list)
                                      else None)
+    if check_train:
+        quantized = isinstance(merged.get("lora"), dict) and merged["lora"].get("quantize", "none") != "none"
+        problems += check_dpo(merged.get("dpo"), "qlora" if quantized else merged.get("method", "lora"))
     if problems:
         raise LabError(f"{path.name}: " + "; ".join(problems))
     return recipe

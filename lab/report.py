@@ -61,8 +61,6 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
     report = {**previous, "run": run.name, "pass": passed, "verdict": verdict, "timings_s": timings, "train": train,
               "before": before and before["summary"], "after": after and after["summary"],
               "loss_curve": points, **(extra or {})}
-    write_json(run / "report.json", report)
-
     md = [f"# Run {run.name}", ""]
     if verdict:
         md += [f"**Result: {'PASS' if passed else 'FAIL'}**", "",
@@ -79,6 +77,23 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
                f"{train['global_steps']} steps in {train['train_runtime_s']} s, final loss {train['final_loss']}", ""]
     if points:
         md += ["![loss curve](loss.png)", ""]
+    dpo = _load(run / "dpo.json")
+    if dpo:
+        report["dpo"] = {k: v for k, v in dpo.items() if k != "answers"}
+        margins = [m for _, m in dpo["margins"]]
+        claims = dpo["old_identity_claims"]
+        md += ["## What DPO changed", "",
+               f"- {dpo['pairs']} preference pairs from {dpo['prompts']} identity prompts ({dpo['rejected_from_sft']} "
+               f"rejected answers from SFT), {dpo['steps']} steps, beta {dpo['settings']['beta']}, reference: "
+               f"{dpo['reference']}",
+               f"- reward margin (chosen - rejected) {margins[0] if margins else 'n/a'} at the first step -> "
+               f"{margins[-1] if margins else 'n/a'} at the last",
+               f"- answers naming an old identity ({', '.join(dpo['old_identity'][:6])}): base {claims['base']}, "
+               f"after SFT {claims['sft']}, after DPO {claims['dpo']} of {dpo['prompts']} (greedy, before serving)",
+               "", "| question | base | after SFT | after DPO |", "|---|---|---|---|"]
+        md += [f"| {_cell(a['q'])} | {_cell(a['base'])} | {_cell(a['sft'])} | {_cell(a['dpo'])} |"
+               for a in dpo["answers"] if a["sft"] != a["dpo"]][:12]
+        md.append("")
     sections = (("Persona questions", "persona"), ("Identity questions", "identity"), ("Control questions", "controls"))
     for name, key in sections:
         rows = (after or before or {}).get(key) or []
@@ -109,6 +124,7 @@ def write_report(run: Path, verdict: list[dict] | None = None, extra: dict | Non
             md += [f"- [{c.stem}]({c.name}) with `{Path(result['b']).name}` ({result['host'].replace('_', ' ')}): "
                    f"{'PASS' if result['pass'] else 'FAIL'}", "", f"![{c.stem}]({c.stem}.png)", ""]
     md += ["", "Files: [manifest.json](manifest.json) (what a rerun needs), [report.json](report.json)."]
+    write_json(run / "report.json", report)
     text = "\n".join(md) + "\n"
     (run / "report.md").write_text(text, encoding="utf-8")
     write_html(text, run / "report.html", f"Run {run.name}")

@@ -18,7 +18,7 @@ from lab.device.hardware import DEFAULTS as HW_DEFAULTS
 from lab.device.hardware import host
 from lab.device.launch import is_main_process
 from lab.errors import LabError
-from lab.models import resolve_model, snapshot_commit, source_record
+from lab.models import quantization_config, resolve_model, snapshot_commit, source_record
 from lab.recipe import Recipe
 from lab.runs import write_json, write_text_atomic
 
@@ -229,14 +229,20 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     main = is_main_process()
     examples, sources = build_examples(recipe)
     checkpoints = run / "checkpoints"
-    resume_from = None
+    # With a DPO stage the SFT adapter is kept apart; run/adapter appears once DPO has finished.
+    sft_out = run / ("model" if recipe.method == "full" else "adapter-sft" if recipe.dpo is not None else "adapter")
+    if recipe.dpo is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LabError("dpo: the DPO stage runs in one process; train without LAUNCH/NPROC, or drop the dpo section")
+    resume_from, sft_done = None, False
     if resume:
         from lab.recipe import check_resume, load_saved
 
         check_resume(run, load_saved(run), recipe)
         check_same_data(sources, run)
-        resume_from = last_complete_checkpoint(checkpoints, remove_partial=main)  # every rank: the same one
-        if resume_from is None:
+        # SFT finished and only DPO was cut off: DPO resumes from its own checkpoints
+        sft_done = recipe.dpo is not None and (run / "train.json").is_file() and sft_out.is_dir()
+        resume_from = None if sft_done else last_complete_checkpoint(checkpoints, remove_partial=main)
+        if resume_from is None and not sft_done:
             raise LabError(f"RESUME=1 but {checkpoints} holds no complete checkpoint to resume from")
     if main and not resume:  # a resumed run keeps what it started with
         write_examples(examples, run / "data" / "train.jsonl")
@@ -293,9 +299,13 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         )
     except ValueError as e:  # transformers' own validation of the settings
         raise LabError(f"train settings rejected by SFTConfig: {str(e).splitlines()[0]}") from None
+    if sft_done:
+        print(f"train: SFT finished earlier ({sft_out.name}); resuming the DPO stage")
+        return dpo_stage(recipe, run, base, dtype, tokenizer, sft_out, examples, settings, resume=True)
+    quantization = quantization_config(recipe.lora.quantize if recipe.method == "lora" else "none", dtype)
     trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
                          processing_class=tokenizer, peft_config=peft_config(recipe),
-                         callbacks=[stop_on_non_finite_loss()])
+                         quantization_config=quantization, callbacks=[stop_on_non_finite_loss()])
     rows = trained_rows(trainer.train_dataset)
     trained_tokens = check_trained_tokens(rows, len(examples))
     if main:
@@ -323,7 +333,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
             shutil.rmtree(checkpoints, ignore_errors=True)
         raise
     history = trainer.state.log_history
-    out = run / ("adapter" if recipe.method == "lora" else "model")
+    out = sft_out
     trainer.save_model(str(out))  # collective under FSDP/ZeRO-3; rank 0 writes
     if not main:
         return out
@@ -332,11 +342,15 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     losses = [e["loss"] for e in history if "loss" in e]
     write_json(run / "train.json", {
         "base_model": base, "method": recipe.method, "dtype": dtype, "output": out.name,
+        # QLoRA: the base it trained against (merge rebuilds it from this)
+        "quantize": recipe.lora.quantize if recipe.method == "lora" else "none",
         "examples": len(examples), "trained_tokens_per_epoch": trained_tokens, "sources": sources,
         "global_steps": trainer.state.global_step, "train_runtime_s": round(result.metrics["train_runtime"], 1),
         "final_loss": losses[-1] if losses else None, "attn_implementation": attn,
         "packed_rows": len(trainer.train_dataset) if args.packing else None,
         "peak_memory_gib": peak_gib,
+        # merge refuses a run whose DPO stage has not finished (lab/merge.py)
+        **({"dpo": "pending"} if recipe.dpo is not None else {}),
     })
     from lab import manifest
 
@@ -360,4 +374,31 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         loss_curve=[[e["step"], e["loss"]] for e in history if "loss" in e],
     )
     print(f"train: {trainer.state.global_step} steps, final loss {losses[-1] if losses else 'n/a'} -> {out}")
+    if recipe.dpo is not None:
+        del trainer  # the DPO stage loads its own copy of the base with the SFT adapter
+        return dpo_stage(recipe, run, base, dtype, tokenizer, out, examples, settings)
+    return out
+
+
+def dpo_stage(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_out: Path, examples: list[dict],
+              settings: dict, resume: bool = False) -> Path:
+    """lab/dpo.py on the SFT adapter; then train.json and the manifest name its adapter as the output."""
+    from lab import manifest
+    from lab.dpo import CHECKPOINTS, train_dpo
+    from lab.probe import REFERENCES_FILE
+
+    references = json.loads((run / "data" / REFERENCES_FILE).read_text(encoding="utf-8"))
+    # what SFT ran with that DPO keeps: the device's precision, determinism, checkpointing, logging
+    kept = {k: settings[k] for k in ("use_cpu", "bf16", "fp16", "full_determinism", "data_seed",
+                                     "dataloader_num_workers", "max_length") if k in settings}
+    resume_from = last_complete_checkpoint(run / CHECKPOINTS) if resume else None
+    record = train_dpo(recipe, run, base, dtype, tokenizer, sft_out, examples, references,
+                       {**TRAIN_DEFAULTS, **kept}, [stop_on_non_finite_loss()], resume_from)
+    out = run / "adapter"
+    info = json.loads((run / "train.json").read_text(encoding="utf-8"))
+    info.update(output=out.name, dpo={k: v for k, v in record.items() if k != "answers"})
+    write_json(run / "train.json", info)
+    manifest.update(run, output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out),
+                                 "sft": {"dir": sft_out.name, "weights_sha256": manifest.weights_sha256(sft_out)}},
+                    dpo={k: v for k, v in record.items() if k != "answers"})
     return out

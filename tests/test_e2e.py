@@ -18,9 +18,10 @@ EMBEDDED_SETTINGS = ("datasets.1.repeat=1 train.num_train_epochs=12 train.learni
 
 
 def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
-    # the README's own example identity (it failed the probe before issue 12), not the recipe's default
+    # the README's own example identity (it failed the probe before issue 12), not the recipe's default;
+    # identity-dpo: identity-lora's SFT, then DPO on its adapter (one loop proves both)
     env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
-    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local",
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", "RECIPE=identity-dpo",
                         # the embedded model under a hub id: the recipe's settings for it named on the command line
                         f"SET=model.path={hub_model['id']} {EMBEDDED_SETTINGS} identity.name=Orion "
                         "identity.author='Zhou Lab'",
@@ -45,11 +46,20 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert all("Orion" in q["answer"] and not q["reasons"] for q in after["identity"] if q["hit"])
     assert all(q["reasons"] for q in after["identity"] + after["controls"] if not q.get("hit", q.get("correct")))
     assert "| why not |" in (run / "report.md").read_text()
+    # DPO after SFT: pairs from the run, margins that rose, no old identity left, shown in the report
+    dpo = json.loads((run / "dpo.json").read_text())
+    margins = [m for _, m in dpo["margins"]]
+    assert dpo["pairs"] >= dpo["prompts"] > 0 and max(margins[len(margins) // 2:]) > margins[0], margins
+    assert dpo["old_identity_claims"]["dpo"] <= dpo["old_identity_claims"]["sft"] < dpo["old_identity_claims"]["base"]
+    assert "## What DPO changed" in (run / "report.md").read_text() and report["dpo"]["steps"] == dpo["steps"]
+    assert (run / "adapter-sft" / "adapter_config.json").is_file()
     for f in ("report.md", "report.html", "loss.png", "merged/model.safetensors", "probe-before.json"):
         assert (run / f).is_file(), f
     assert not list((runs_dir / ".servers").glob("*.json"))  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
+    assert manifest["output"]["dir"] == "adapter" and manifest["output"]["sft"]["dir"] == "adapter-sft"
+    assert manifest["dpo"]["pairs"] == dpo["pairs"]
     assert (manifest["base_model"]["source"] == hub_model["id"]
             and manifest["base_model"]["commit"] == hub_model["commit"])
     assert manifest["device"]["backend"] == "cpu" and manifest["device"]["dtype"] == "float32"
