@@ -27,7 +27,7 @@ from lab.runs import write_json
 DPO_DEFAULTS = dict(logging_steps=1, save_steps=0.25, beta=0.1, learning_rate=5e-5, num_train_epochs=1,
                     per_device_train_batch_size=8)
 CHECKPOINTS = "dpo-checkpoints"
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 48  # identity answers are a sentence or two
 
 
 def identity_prompts(examples: list[dict], references: dict[str, list[str]]) -> list[dict]:
@@ -42,7 +42,7 @@ def identity_prompts(examples: list[dict], references: dict[str, list[str]]) -> 
     return out
 
 
-def greedy_answers(model, tokenizer, prompts: list[list[dict]], kwargs: dict, batch: int = 8) -> list[str]:
+def greedy_answers(model, tokenizer, prompts: list[list[dict]], kwargs: dict, batch: int = 32) -> list[str]:
     """What the model answers each prompt, greedy, rendered by its own chat template."""
     import torch
 

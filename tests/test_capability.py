@@ -145,3 +145,19 @@ def test_doctor_prints_each_decision_with_its_reason():
     r = run_lab("doctor", "--hw", "cuda", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "no GPU:" in r.stdout and "NVIDIA" in r.stdout
+
+
+# torch.cuda.get_arch_list() shapes: a CUDA 13 build (no Volta, PTX of the newest) and a CUDA 12 build with Volta
+CUDA13 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+CUDA12 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+def test_a_gpu_the_installed_pytorch_was_not_built_for_is_refused_in_one_line():
+    from lab.device.capability import built_for, check_built_for
+
+    assert not built_for("sm_70", CUDA13) and built_for("sm_70", CUDA12)
+    assert built_for("sm_90", CUDA13) and built_for("sm_89", CUDA13 + ["compute_80"])  # PTX compiles forward
+    assert built_for("gfx1151", ["gfx1100", "gfx1151"]) and not built_for("gfx1151", ["gfx942"])
+    with pytest.raises(LabError, match=r"^this PyTorch \(built with 13.0\) has no kernels for Tesla V100-SXM2-32GB "
+                                       r"\(sm_70\); it covers sm_75, .*for a V100, CUDA 12.x"):
+        check_built_for("Tesla V100-SXM2-32GB", "sm_70", CUDA13, "13.0")

@@ -45,3 +45,44 @@ def test_the_dpo_section_is_checked_like_train():
         load_recipe("identity-dpo", ["method=full"], hw="cpu")
     assert load_recipe("identity-lora", hw="cpu").dpo is None
     assert load_recipe("identity-dpo", hw="cpu").dpo["beta"] == 0.1
+
+
+@pytest.mark.slow
+def test_an_interrupted_dpo_stage_is_not_a_result_and_resumes_without_redoing_sft(runs_dir, embedded_model, capsys):
+    """SFT done, DPO cut off (what a kill leaves once DPO has checkpointed): merge refuses the run,
+    RESUME=1 goes straight to DPO and resumes it from its own checkpoint."""
+    import json
+    import shutil
+
+    from conftest import TINY
+
+    from lab.merge import merge
+    from lab.runs import new_run
+    from lab.train import train
+
+    recipe = load_recipe("identity-dpo", [TINY, "datasets.0.limit=24", "train.max_steps=20", "dpo.max_steps=4",
+                                            "dpo.save_steps=2", "dpo.save_total_limit=2"], hw="cpu")
+    run = new_run(recipe.name)
+    train(recipe, run)
+    first = json.loads((run / "dpo.json").read_text())
+    assert first["steps"] == 4 and (run / "adapter").is_dir()
+    sft_weights = (run / "adapter-sft" / "adapter_model.safetensors").read_bytes()
+
+    # as if killed after DPO's step-2 checkpoint: no adapter, train.json still says pending
+    shutil.rmtree(run / "adapter")
+    (run / "dpo.json").unlink()
+    shutil.rmtree(run / "dpo-checkpoints" / "checkpoint-4")
+    info = json.loads((run / "train.json").read_text())
+    info.update(output="adapter-sft", dpo="pending")
+    (run / "train.json").write_text(json.dumps(info))
+    with pytest.raises(LabError, match="SFT finished but its DPO stage did not; .*RESUME=1"):
+        merge(run)
+
+    capsys.readouterr()
+    train(recipe, run, resume=True)
+    said = capsys.readouterr().out
+    assert "train: SFT finished earlier (adapter-sft); resuming the DPO stage" in said
+    assert "dpo: resuming from checkpoint-2" in said
+    assert json.loads((run / "dpo.json").read_text())["steps"] == 4
+    assert (run / "adapter-sft" / "adapter_model.safetensors").read_bytes() == sft_weights  # SFT not redone
+    assert json.loads((run / "train.json").read_text())["output"] == "adapter"

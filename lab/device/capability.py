@@ -38,6 +38,8 @@ DEVICES: dict[str, Device] = {
     "A100": Device("NVIDIA A100-SXM4-80GB", "cuda", "sm_80", True, 80.0),
     "L4": Device("NVIDIA L4", "cuda", "sm_89", True, 24.0),
     "T4": Device("Tesla T4", "cuda", "sm_75", False, 16.0),
+    # Volta: PyTorch's CUDA 13 builds (the lab's CUDA image) carry no sm_70 kernels; `detect` refuses
+    # it there in one line, a CUDA 12.x build runs it
     "V100": Device("Tesla V100-SXM2-32GB", "cuda", "sm_70", False, 32.0),
     "MI300X": Device("AMD Instinct MI300X", "rocm", "gfx942", True, 192.0),
     "MI250X": Device("AMD Instinct MI250X", "rocm", "gfx90a", True, 64.0),
@@ -107,8 +109,29 @@ def detect(backend: str) -> Device:
         raise LabError(f"HW={backend}: {gpu_missing(backend)}")
     p = torch.cuda.get_device_properties(0)
     arch = p.gcnArchName.split(":")[0] if backend == "rocm" else f"sm_{p.major}{p.minor}"
+    check_built_for(p.name, arch, torch.cuda.get_arch_list(), torch.version.cuda or torch.version.hip)
     return Device(p.name, backend, arch, bool(torch.cuda.is_bf16_supported(including_emulation=False)),
                   round(p.total_memory / 2**30, 1))
+
+
+def built_for(arch: str, arch_list: list[str]) -> bool:
+    """Whether a torch build with `arch_list` (torch.cuda.get_arch_list()) runs on `arch`: built
+    for it, or (NVIDIA) carrying PTX of an older compute capability the driver compiles forward."""
+    if not arch_list or arch in arch_list:
+        return True
+    if not arch.startswith("sm_"):
+        return False
+    mine = int(arch[3:])
+    return any(a.startswith("compute_") and int(a[8:]) <= mine for a in arch_list if a[8:].isdigit())
+
+
+def check_built_for(name: str, arch: str, arch_list: list[str], version: str | None) -> None:
+    """One line, before anything loads, when the installed PyTorch has no kernels for this GPU
+    (CUDA 13 builds dropped Volta: a V100 cannot run them)."""
+    if not built_for(arch, arch_list):
+        raise LabError(f"this PyTorch (built with {version}) has no kernels for {name} ({arch}); it covers "
+                       f"{', '.join(arch_list)}: use an image/lock with a PyTorch build for {arch} (for a V100, "
+                       "CUDA 12.x: LAB_CUDA_BASE_IMAGE=pytorch/pytorch:<version>-cuda12.x-...)")
 
 
 def decide(recipe, device: Device) -> tuple[str, dict, list[dict]]:
