@@ -41,6 +41,7 @@ SECTIONS = {
     "environment": "train, probe: Python, platform, package versions, code commit, lock, container",
     "hardware": "train, probe: CPU, memory, GPUs, driver (lab/device/hardware.py: host)",
     "loss_curve": "train: [step, loss] as logged",
+    "resumes": "train: one entry per RESUME=1, the checkpoint and step it continued from (a list)",
     "dpo": "train: the DPO stage after SFT (pairs, settings, reward margins, old-identity claims; lab/dpo.py)",
     "merged": "merge: directory, dtype, device, checks, weights' sha256",
     "runtime": "e2e: local or docker",

@@ -67,3 +67,25 @@ def test_amend_adds_fields_to_one_recorded_entry(tmp_path):
     assert m["probes"] == [{"file": "probe-1.json", "summary": {}},
                            {"file": "probe-2.json", "summary": {}, "template_parity": {"samples": 4, "match": True}}]
     assert json.loads((run / "manifest.json").read_text()) == m
+
+
+def test_every_section_the_lab_writes_is_declared():
+    """Each manifest.update(run, key=...) and manifest.append(run, "key", ...) in lab/ names a
+    section declared in SECTIONS (an undeclared one is a KeyError at run time, found here first)."""
+    import ast
+
+    from lab import ROOT
+    from lab.manifest import SECTIONS
+
+    written = set()
+    for path in (ROOT / "lab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "manifest"):
+                continue
+            if node.func.attr == "update":
+                written |= {(k.arg, path.name) for k in node.keywords if k.arg}
+            elif node.func.attr == "append" and isinstance(node.args[1], ast.Constant):
+                written.add((node.args[1].value, path.name))
+    assert {"resumes", "probes", "merged", "dpo"} <= {key for key, _ in written}
+    assert not {(key, where) for key, where in written if key not in SECTIONS}
