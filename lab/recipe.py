@@ -155,7 +155,7 @@ class Recipe(Section):
     name: str
     description: str = ""
     model: ModelSpec = ModelSpec()
-    method: Literal["lora", "full"] = "lora"  # (or qlora: see LoraSpec.quantize)
+    method: Literal["lora", "full", "qlora"] = "lora"  # qlora becomes lora + lora.quantize: nf4 (_qlora)
     datasets: list[DatasetSpec] = Field(min_length=1)
     lora: LoraSpec = LoraSpec()
     train: dict[str, Any] = Field({}, description="TRL SFTConfig fields, passed through by name")

@@ -68,8 +68,8 @@ CASES = [
      "lab train: error: identity-lora.yaml: train.per_device_train_batch_size=1.5 is not a valid int"),
     ("set-wrong-type-bool", lambda t, r: ["train", "--hw", "cpu", "--set", "train.gradient_checkpointing=maybe"],
      "lab train: error: identity-lora.yaml: train.gradient_checkpointing='maybe' is not a valid bool"),
-    ("set-method", lambda t, r: ["train", "--hw", "cpu", "--set", "method=qlora"],
-     "lab train: error: identity-lora.yaml: method: Input should be 'lora' or 'full'"),
+    ("set-method", lambda t, r: ["train", "--hw", "cpu", "--set", "method=dora"],
+     "lab train: error: identity-lora.yaml: method: Input should be 'lora', 'full' or 'qlora'"),
     ("set-serve-port", lambda t, r: ["train", "--hw", "cpu", "--set", "serve.port=abc"],
      "lab train: error: identity-lora.yaml: serve.port: Input should be a valid integer, unable to parse "
      "string as an integer"),

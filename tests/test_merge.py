@@ -17,8 +17,8 @@ def short_run(tmp_path_factory, embedded_model):
     old = runs.RUNS_DIR
     runs.RUNS_DIR = tmp_path_factory.mktemp("runs")
     try:
-        recipe = load_recipe("identity-lora", ["identity.name=Orion", "train.max_steps=10", "train.learning_rate=5e-3",
-                                               'train.save_strategy="no"'], hw="cpu")
+        recipe = load_recipe("identity-lora", ["model.path=embedded", "identity.name=Orion", "train.max_steps=10",
+                                               "train.learning_rate=5e-3", 'train.save_strategy="no"'], hw="cpu")
         run = runs.new_run(recipe.name)
         train(recipe, run)
         yield run
