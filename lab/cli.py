@@ -265,9 +265,11 @@ def cmd_serve(args) -> int:
     SET= goes on top of it; RECIPE= replaces it on purpose (SET= on top of that). MODEL=base, a hub
     id or another directory: RECIPE= (default identity-lora) with SET=, as for training."""
     from lab.runs import RUNS_DIR
+    from lab.serve import check_exposure
 
     run = _served_run(args)
     recipe = _run_recipe(args, run, "the model to serve is its own")
+    check_exposure(recipe)  # before a model is resolved (a GGUF base converts first: minutes, and output)
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
         if args.gpus < 1:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
