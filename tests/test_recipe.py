@@ -79,7 +79,7 @@ def test_lab_owned_train_keys_are_refused():
 @pytest.mark.parametrize("bad, message", [
     (["nokey"], "not key.sub=value"),
     (["datasets.7.path=x"], "not an index"),
-    (["method=qlora"], "method"),
+    (["method=dora"], "method"),
 ])
 def test_bad_overrides(bad, message):
     with pytest.raises(LabError, match=message):
