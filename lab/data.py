@@ -235,8 +235,13 @@ def split_turns(turns: list[dict[str, Any]], train_on: str) -> list[dict[str, li
     for i in replies:
         if not any(t["role"] == "user" for t in turns[:i]):
             raise LabError(f"turn {i + 1} is a reply before any user turn: nothing prompts it")
-    clean = [{"role": t["role"], "content": t["content"]} for t in turns]
+    clean = _plain(turns)
     return [{"prompt": clean[:i], "completion": [clean[i]]} for i in replies]
+
+
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Messages as the template renders them: role and content only (no loss_weight)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def to_examples(row: dict[str, Any], fmt: str, system: str | None,
@@ -253,8 +258,7 @@ def to_examples(row: dict[str, Any], fmt: str, system: str | None,
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
         prompt, completion = _as_messages(prompt, "messages"), _as_messages(completion, "messages")
-        strip = [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
-        return [{"prompt": strip[:len(prompt)], "completion": strip[len(prompt):]}], 1
+        return [{"prompt": _plain(prompt), "completion": _plain(completion)}], 1
     raise LabError(f"unknown format {fmt!r}")
 
 

@@ -396,9 +396,10 @@ def dpo_stage(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_o
                        {**TRAIN_DEFAULTS, **kept}, [stop_on_non_finite_loss()], resume_from)
     out = run / "adapter"
     info = json.loads((run / "train.json").read_text(encoding="utf-8"))
-    info.update(output=out.name, dpo={k: v for k, v in record.items() if k != "answers"})
+    summary = {k: v for k, v in record.items() if k != "answers"}  # the answers stay in dpo.json
+    info.update(output=out.name, dpo=summary)
     write_json(run / "train.json", info)
     manifest.update(run, output={"dir": out.name, "weights_sha256": manifest.weights_sha256(out),
                                  "sft": {"dir": sft_out.name, "weights_sha256": manifest.weights_sha256(sft_out)}},
-                    dpo={k: v for k, v in record.items() if k != "answers"})
+                    dpo=summary)
     return out
