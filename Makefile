@@ -140,7 +140,7 @@ lint: $(VENV)/train/.done  ## ruff over lab/ and tests/ (rules in pyproject.toml
 	$(TRAIN_PY) -m ruff check lab tests
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
-	$(TRAIN_PY) -m pytest -ra --durations=12 tests
+	$(TRAIN_PY) -m pytest -ra --durations=25 tests
 
 test-fast: $(VENV)/train/.done  ## unit tests only
 	$(TRAIN_PY) -m pytest -ra -m "not slow" tests
