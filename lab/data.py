@@ -10,6 +10,9 @@ the final reply (LLaMA-Factory's mask_history). Formats: alpaca (instruction/inp
 optional system and history), messages (OpenAI `messages`, ShareGPT `conversations` with
 from/value) and prompt/completion (trained as written); local JSON, JSONL and Parquet, or a hub
 dataset id.
+
+Preference data (`chosen`/`rejected`, in TRL's, LLaMA-Factory's alpaca or ShareGPT shape) becomes
+prompt/chosen/rejected pairs for the recipe's DPO stage (lab/dpo.py), never SFT examples.
 """
 
 from __future__ import annotations
@@ -101,10 +104,6 @@ MULTIMODAL = ("multimodal data: the lab fine-tunes text-only chat models and wou
 def refuse_other_shapes(row: dict[str, Any]) -> None:
     """Shapes the peers ship that SFT would train wrongly or silently half: one line each, saying
     what the data is and what to do instead."""
-    if "chosen" in row and "rejected" in row:
-        raise LabError("preference data (chosen/rejected): SFT trains one answer per question and the lab has "
-                       "no preference (DPO) stage yet; to train the chosen answers, give them as messages or "
-                       "prompt/completion rows")
     if "kto_tag" in row or isinstance(row.get("label"), bool):
         raise LabError("KTO data (a true/false label per answer): SFT would train the undesirable answers too; "
                        "keep only the rows labelled true, without the label field")
@@ -116,6 +115,8 @@ def refuse_other_shapes(row: dict[str, Any]) -> None:
 
 
 def detect_format(row: dict[str, Any]) -> str:
+    if "chosen" in row and "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -125,7 +126,7 @@ def detect_format(row: dict[str, Any]) -> str:
     if "instruction" in row and "output" in row:
         return "alpaca"
     raise LabError(f"unknown format with fields {sorted(row)}; expected alpaca, messages, "
-                   "sharegpt or prompt/completion, or map fields with `columns:`")
+                   "sharegpt, prompt/completion or chosen/rejected, or map fields with `columns:`")
 
 
 def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -223,9 +224,11 @@ def to_conversation(row: dict[str, Any], fmt: str, system: str | None) -> list[d
     return turns
 
 
-def split_turns(turns: list[dict[str, Any]], train_on: str) -> list[dict[str, list]]:
+def split_turns(turns: list[dict[str, Any]], train_on: str, whole: bool = False) -> list[dict[str, list]]:
     """One prompt/completion example per trained assistant turn, its prompt the turns before it.
-    A reply with loss_weight 0 stays in later prompts as context and is not trained."""
+    A reply with loss_weight 0 stays in later prompts as context and is not trained. `whole`
+    (train.assistant_only_loss): one example per conversation, up to its last trained reply, that
+    lists every trained reply's index in `trained_turns` (masked in by tokenize_whole)."""
     replies = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if train_on == "last":
         replies = replies[-1:]
@@ -236,6 +239,8 @@ def split_turns(turns: list[dict[str, Any]], train_on: str) -> list[dict[str, li
         if not any(t["role"] == "user" for t in turns[:i]):
             raise LabError(f"turn {i + 1} is a reply before any user turn: nothing prompts it")
     clean = _plain(turns)
+    if whole:
+        return [{"prompt": clean[:replies[-1]], "completion": [clean[replies[-1]]], "trained_turns": replies}]
     return [{"prompt": clean[:i], "completion": [clean[i]]} for i in replies]
 
 
@@ -244,13 +249,55 @@ def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _answer(value: Any, field: str) -> list[dict[str, str]]:
+    """A chosen/rejected answer: a string, one turn (ShareGPT's {"from": "gpt", "value"} or
+    {"role", "content"}), or a list of turns (TRL's conversational form), as assistant messages."""
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    elif isinstance(value, dict):
+        value = [value]
+    fmt = "sharegpt" if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0] \
+        else "messages"
+    turns = _as_messages(value, fmt)
+    if not turns or any(t["role"] != "assistant" for t in turns) or not any(t["content"].strip() for t in turns):
+        raise LabError(f"{field!r} must be an assistant answer (a string, or assistant turns with text)")
+    return _plain(turns)
+
+
+def to_preference(row: dict[str, Any], system: str | None) -> dict[str, list]:
+    """A preference row as one prompt/chosen/rejected pair. The prompt: TRL's `prompt` (a string or
+    messages), else the conversation so far (ShareGPT `conversations` or `messages`, ending with
+    the user), else alpaca's instruction/input (with system and history)."""
+    if "prompt" in row:
+        prompt = _need(row, "prompt")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_messages(prompt, "messages")
+    elif "conversations" in row or "messages" in row:
+        fmt = "sharegpt" if "conversations" in row else "messages"
+        prompt = _as_messages(_need(row, "conversations" if fmt == "sharegpt" else "messages"), fmt)
+    elif "instruction" in row:
+        prompt = to_conversation({**row, "output": "-"}, "alpaca", system)[:-1]
+    else:
+        raise LabError(f"preference row with fields {sorted(row)}: the question goes in `prompt`, `conversations`, "
+                       "`messages` or `instruction`")
+    if not any(t["role"] == "system" for t in prompt) and (row.get("system") or system):
+        prompt.insert(0, {"role": "system", "content": row.get("system") or system})
+    if not prompt or prompt[-1]["role"] != "user":
+        raise LabError("a preference prompt must end with a user turn (the answers are the assistant's)")
+    chosen, rejected = _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected")
+    if chosen == rejected:
+        raise LabError("chosen and rejected are the same answer: nothing to prefer")
+    return {"prompt": _plain(prompt), "chosen": chosen, "rejected": rejected}
+
+
 def to_examples(row: dict[str, Any], fmt: str, system: str | None,
-                train_on: str = "all") -> tuple[list[dict[str, list]], int]:
+                train_on: str = "all", whole: bool = False) -> tuple[list[dict[str, list]], int]:
     """A row as the prompt/completion examples it trains (see the module docstring), and the number
     of assistant turns it holds."""
+    if fmt == "preference":
+        return [to_preference(row, system)], 0
     if fmt in ("alpaca", "messages", "sharegpt"):
         turns = to_conversation(row, fmt, system)
-        return split_turns(turns, train_on), sum(t["role"] == "assistant" for t in turns)
+        return split_turns(turns, train_on, whole), sum(t["role"] == "assistant" for t in turns)
     if fmt == "prompt_completion":
         prompt, completion = _need(row, "prompt"), _need(row, "completion")
         if isinstance(prompt, str):
@@ -277,24 +324,30 @@ PLACEHOLDERS = ("{{name}}", "{{author}}")
 _LEFT_OVER = re.compile(r"\{\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\}")
 
 
+MESSAGE_KEYS = ("prompt", "completion", "chosen", "rejected")
+
+
 def _render(example: dict[str, list], recipe: Recipe) -> dict[str, list]:
-    for msgs in example.values():
+    """The identity placeholders filled in every message of an example."""
+    for msgs in (example[k] for k in MESSAGE_KEYS if k in example):
         for m in msgs:
             left = [p for p in _LEFT_OVER.findall(m["content"]) if p not in PLACEHOLDERS]
             if left:  # a typo such as {{nmae}} would otherwise be trained as literal text
                 raise LabError(f"unknown placeholder {left[0]} in {m['role']} text; the data may use "
                                f"{' and '.join(PLACEHOLDERS)}")
-    return {key: [{**m, "content": render_identity(m["content"], recipe)} for m in msgs]
-            for key, msgs in example.items()}
+    return {key: [{**m, "content": render_identity(m["content"], recipe)} for m in value] if key in MESSAGE_KEYS
+            else value for key, value in example.items()}
 
 
 def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All datasets of a recipe as prompt/completion examples, plus per-source counts: rows read,
-    assistant turns in them, turns trained (one example each) and examples after `repeat`."""
+    """All datasets of a recipe as examples, plus per-source counts: rows read, assistant turns in
+    them, turns trained (one example each) and examples after `repeat`. SFT examples are
+    prompt/completion; a preference dataset's are prompt/chosen/rejected pairs (its `stage`: dpo),
+    which only a recipe with a DPO stage takes (sft_and_preferences)."""
     examples, sources = [], []
     for spec in recipe.datasets:
         rows, where = load_source(spec, recipe)
-        converted, turns = [], 0
+        converted, turns, kinds = [], 0, set()
         for i, raw in enumerate(rows, 1):
             try:
                 if not isinstance(raw, dict):
@@ -302,7 +355,11 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
                 row = apply_columns(raw, spec.columns)
                 refuse_other_shapes(row)
                 fmt = detect_format(row) if spec.format == "auto" else spec.format
-                row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on)
+                kinds.add(fmt == "preference")
+                if len(kinds) > 1:
+                    raise LabError("preference rows (chosen/rejected) and SFT rows in one dataset; keep them "
+                                   "in two files (the first trains in the DPO stage, the second in SFT)")
+                row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on, whole_conversations(recipe))
                 turns += replies
                 converted += [_render(ex, recipe) for ex in row_examples]
             except LabError as e:
@@ -310,13 +367,63 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
         for example in converted:
             example["chat_template_kwargs"] = dict(recipe.chat_template_kwargs)
         examples += converted * spec.repeat
-        sources.append({"path": where, "rows": len(rows), "assistant_turns": turns,
-                        "turns_trained": len(converted), "train_on": spec.train_on,
-                        "examples": len(converted) * spec.repeat,
+        preference = kinds == {True}
+        trained = sum(len(ex.get("trained_turns") or [None]) for ex in converted)
+        sources.append({"path": where, "rows": len(rows), "stage": "dpo" if preference else "sft",
+                        "assistant_turns": turns, "turns_trained": 0 if preference else trained,
+                        "train_on": spec.train_on, "examples": len(converted) * spec.repeat,
                         # the rows as read (after `limit`), independent of where the file lives
                         "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False,
                                                                  default=str).encode()).hexdigest()})
     return examples, sources
+
+
+def whole_conversations(recipe: Recipe) -> bool:
+    """train.assistant_only_loss: each conversation trains as one sequence (tokenize_whole)."""
+    return bool(recipe.train.get("assistant_only_loss"))
+
+
+def tokenize_whole(tokenizer, examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """train.assistant_only_loss: each conversation tokenized once, masked in on exactly the tokens
+    its per-reply examples would train (every trained reply and its end of turn), so a long
+    history is computed once instead of once per reply. TRL's own assistant_only_loss needs
+    `{% generation %}` markers, which it patches only into templates it recognises by their exact
+    text; here the model's own template is checked by rendering: each trained reply must render
+    inside the whole conversation exactly as at the end of its own prefix (prefix-preserving),
+    else the mask would train text the server never renders for that context."""
+    rows = []
+    for ex in examples:
+        turns, kwargs = ex["prompt"] + ex["completion"], ex.get("chat_template_kwargs") or {}
+        full = tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+        spans = []
+        for i in ex["trained_turns"]:
+            before = tokenizer.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True, **kwargs)
+            upto = tokenizer.apply_chat_template(turns[:i + 1], tokenize=False, **kwargs)
+            if not (full.startswith(before) and full.startswith(upto)):
+                raise LabError("train.assistant_only_loss: this model's chat template renders a reply differently "
+                               "once later turns follow it (not prefix-preserving: it drops reasoning or markers "
+                               "from past replies); leave it off, and each reply trains as its own example")
+            spans.append((len(before), len(upto)))
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        trained = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+        rows.append({"input_ids": enc["input_ids"], "assistant_masks": trained})
+    return rows
+
+
+def sft_and_preferences(examples: list[dict[str, Any]], sources: list[dict[str, Any]],
+                        recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(SFT examples, preference pairs). Pairs need a recipe with a DPO stage, which runs after SFT
+    on its adapter: a recipe still needs SFT data."""
+    pairs = [ex for ex in examples if "chosen" in ex]
+    sft = [ex for ex in examples if "completion" in ex]
+    if pairs and recipe.dpo is None:
+        where = next(s["path"] for s in sources if s.get("stage") == "dpo")
+        raise LabError(f"{where}: preference data (chosen/rejected) trains in a DPO stage; add a `dpo:` section "
+                       "to the recipe (as recipes/identity-dpo.yaml has), or give the chosen answers as SFT rows")
+    if not sft:
+        raise LabError("only preference data: DPO runs after SFT, on its adapter; add SFT data (the identity "
+                       "data, or the chosen answers as messages rows)")
+    return sft, pairs
 
 
 def write_examples(examples: list[dict[str, Any]], out: Path) -> None:

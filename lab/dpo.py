@@ -11,6 +11,8 @@ Qwen" now and then is what users then reach for DPO for. The pairs come from the
 
 The reference policy is the SFT adapter: TRL copies a PEFT model's adapter into a frozen "ref"
 adapter, so no second model is held (DPO's usual reference, the SFT policy, at LoRA's memory).
+Preference datasets in the recipe (chosen/rejected rows, lab/data.py) add their pairs as given.
+
 Greedy answers of the SFT and the DPO model to the same prompts, before and after, and the reward
 margins as logged, go into the run's dpo.json and manifest (the report shows them).
 """
@@ -89,9 +91,10 @@ def old_names(recipe: Recipe, base: str, prompts: list[dict], base_answers: list
 
 
 def train_dpo(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_adapter: Path, examples: list[dict],
-              references: dict[str, list[str]], base_settings: dict, callbacks: list,
+              references: dict[str, list[str]], given: list[dict], base_settings: dict, callbacks: list,
               resume_from: Path | None = None) -> dict:
     """DPO on the SFT adapter -> run/adapter (written only once DPO has finished); returns its record.
+    `given`: the recipe's own preference pairs, trained beside the ones built from the run.
     base_settings: what SFT ran with that DPO keeps (precision, determinism, logging); the recipe's
     `dpo` keys go over DPO_DEFAULTS over them."""
     import torch
@@ -100,9 +103,9 @@ def train_dpo(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_a
     from trl import DPOConfig, DPOTrainer
 
     prompts = identity_prompts(examples, references)
-    if not prompts:
-        raise LabError("dpo: no identity examples to build preference pairs from (no answer in the data names "
-                       "the identity); drop the dpo section, or add identity data")
+    if not prompts and not given:
+        raise LabError("dpo: no preference pairs: no answer in the data names the identity (pairs are built "
+                       "from those) and no chosen/rejected dataset; add one, or drop the dpo section")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), revision=recipe.model.revision)
     model = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
     model.eval()
@@ -112,11 +115,13 @@ def train_dpo(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_a
         base_answers = greedy_answers(model, tokenizer, messages, kwargs)
     sft_answers = greedy_answers(model, tokenizer, messages, kwargs)
     old = old_names(recipe, base, prompts, base_answers)
-    pairs, from_sft = preference_pairs(prompts, base_answers, sft_answers, old, recipe)
+    built, from_sft = preference_pairs(prompts, base_answers, sft_answers, old, recipe)
+    pairs = built + given
     if not pairs:
         raise LabError("dpo: every rejected answer equals its chosen one; nothing to prefer")
-    print(f"dpo: {len(pairs)} preference pairs from {len(prompts)} identity prompts (rejected: the base's "
-          f"answers, and {from_sft} SFT answers that still name an old identity)")
+    print(f"dpo: {len(built)} preference pairs from {len(prompts)} identity prompts (rejected: the base's "
+          f"answers, and {from_sft} SFT answers that still name an old identity)"
+          + (f", {len(given)} from the recipe's preference data" if given else ""))
     write_json(run / "data" / "dpo_pairs.json", pairs)
 
     import datasets
@@ -145,7 +150,7 @@ def train_dpo(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_a
     model.save_pretrained(str(tmp), selected_adapters=["default"])
     tmp.rename(run / "adapter")
     record = {
-        "pairs": len(pairs), "prompts": len(prompts), "rejected_from_sft": from_sft,
+        "pairs": len(pairs), "prompts": len(prompts), "rejected_from_sft": from_sft, "pairs_from_data": len(given),
         "old_identity": old, "steps": trainer.state.global_step, "settings": {k: settings[k] for k in (
             "beta", "learning_rate", "num_train_epochs", "per_device_train_batch_size")},
         "reference": "the SFT adapter (TRL's frozen 'ref' copy)", "margins": margins,

@@ -428,7 +428,7 @@ def identity_references(recipe: Recipe) -> dict[str, list[str]]:
 
     raw = recipe.model_copy(update={"identity": IdentitySpec(name="{{name}}", author="{{author}}")})
     examples, _ = build_examples(raw)
-    pairs = [(e["prompt"][-1]["content"], e["completion"][-1]["content"]) for e in examples]
+    pairs = [(e["prompt"][-1]["content"], e["completion"][-1]["content"]) for e in examples if "completion" in e]
     marked = [(q, a) for q, a in pairs if "{{name}}" in a or "{{author}}" in a]
     if not marked:
         marked = [(q, a) for q, a in pairs if recipe.identity.name and recipe.identity.name in a]

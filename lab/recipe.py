@@ -47,7 +47,7 @@ class ModelSpec(Section):
 
 class DatasetSpec(Section):
     path: str = Field(description="JSON/JSONL/Parquet file (relative to the recipe) or hub dataset id")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "preference"] = "auto"
     split: str = "train"
     # Our field -> their field ("instruction: Question"), or a template built from their fields
     # ("prompt: '诊断问题：{Question}'"). Templates are Python str.format strings.

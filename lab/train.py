@@ -113,8 +113,16 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
 
     def find(ex):
         question, answer = ex["prompt"][-1]["content"], ex["completion"][-1]["content"]
-        return next(((i, lab) for i, lab in rows if text(i, lab, True).startswith(answer)
+        return next(((i, lab) for i, lab in rows if answer in text(i, lab, True)
                      and question in text(i, lab, False)), (None, None))
+
+    def prompt_length(ex, labels):
+        if "trained_turns" not in ex:  # the prompt is all that is not trained
+            return next(i for i, label in enumerate(labels) if label != -100)
+        # a whole conversation trains earlier replies too: its prompt is the one before the last reply
+        rendered = tokenizer.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True,
+                                                 **ex["chat_template_kwargs"])
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     # The first examples, and the first ones with replies in their history: rendering past turns
     # (reasoning stripped, separators) is where a template can differ from the server's.
@@ -128,7 +136,7 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
         ids, labels = find(ex) if packed else rows[n]
         if ids is None or (max_length is not None and len(ids) >= max_length):
             continue  # not found whole, or truncated: nothing the server's rendering can match
-        prompt_len = next(i for i, label in enumerate(labels) if label != -100)
+        prompt_len = prompt_length(ex, labels)
         out.append({"prompt": ex["prompt"], "completion": ex["completion"],
                     "chat_template_kwargs": ex["chat_template_kwargs"],
                     "prompt_ids": ids[:prompt_len], "input_ids": ids})
@@ -220,7 +228,7 @@ def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], setti
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
-    from lab.data import build_examples, to_dataset, write_examples
+    from lab.data import build_examples, sft_and_preferences, to_dataset, tokenize_whole, write_examples
 
     for key, value in HW_DEFAULTS[recipe.backend]["env"].items():  # before torch initialises the device
         os.environ.setdefault(key, value)
@@ -228,6 +236,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     # Under accelerate launch every process builds the same examples; rank 0 alone writes files.
     main = is_main_process()
     examples, sources = build_examples(recipe)
+    examples, preferences = sft_and_preferences(examples, sources, recipe)
     checkpoints = run / "checkpoints"
     # With a DPO stage the SFT adapter is kept apart; run/adapter appears once DPO has finished.
     sft_out = run / ("model" if recipe.method == "full" else "adapter-sft" if recipe.dpo is not None else "adapter")
@@ -253,8 +262,11 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
 
         write_json(run / "data" / REFERENCES_FILE, identity_references(recipe))
         for s in sources:
-            print(f"data: {s['path']}: {s['rows']} rows, {s['assistant_turns']} assistant turns, "
-                  f"{s['turns_trained']} trained ({s['train_on']}) -> {s['examples']} examples")
+            if s["stage"] == "dpo":
+                print(f"data: {s['path']}: {s['rows']} rows -> {s['examples']} preference pairs (the DPO stage)")
+            else:
+                print(f"data: {s['path']}: {s['rows']} rows, {s['assistant_turns']} assistant turns, "
+                      f"{s['turns_trained']} trained ({s['train_on']}) -> {s['examples']} examples")
         print(f"data: {len(examples)} training examples -> {run / 'data' / 'train.jsonl'}")
         write_text_atomic(run / "recipe.yaml", recipe.to_yaml())
     if resume_from:
@@ -281,6 +293,9 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         raise LabError(f"model {base!r} has no chat template; use an instruct/chat model")
 
     settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train, **device_settings}
+    # train.assistant_only_loss: the lab's masks from the model's own template (lab/data.py:
+    # tokenize_whole), so TRL is not asked to patch a template it does not know by name
+    whole = bool(settings.pop("assistant_only_loss", False))
     plan = speed_plan(recipe, base, tokenizer, examples, settings, dtype)
     attn = plan.attn_implementation if plan else recipe.model.attn_implementation.replace("auto", "sdpa")
     if plan:
@@ -301,9 +316,10 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         raise LabError(f"train settings rejected by SFTConfig: {str(e).splitlines()[0]}") from None
     if sft_done:
         print(f"train: SFT finished earlier ({sft_out.name}); resuming the DPO stage")
-        return dpo_stage(recipe, run, base, dtype, tokenizer, sft_out, examples, settings, resume=True)
+        return dpo_stage(recipe, run, base, dtype, tokenizer, sft_out, examples, preferences, settings, resume=True)
     quantization = quantization_config(recipe.lora.quantize if recipe.method == "lora" else "none", dtype)
-    trainer = SFTTrainer(model=base, args=args, train_dataset=to_dataset(examples),
+    dataset = to_dataset(tokenize_whole(tokenizer, examples) if whole else examples)
+    trainer = SFTTrainer(model=base, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config(recipe),
                          quantization_config=quantization, callbacks=[stop_on_non_finite_loss()])
     rows = trained_rows(trainer.train_dataset)
@@ -376,12 +392,12 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     print(f"train: {trainer.state.global_step} steps, final loss {losses[-1] if losses else 'n/a'} -> {out}")
     if recipe.dpo is not None:
         del trainer  # the DPO stage loads its own copy of the base with the SFT adapter
-        return dpo_stage(recipe, run, base, dtype, tokenizer, out, examples, settings)
+        return dpo_stage(recipe, run, base, dtype, tokenizer, out, examples, preferences, settings)
     return out
 
 
 def dpo_stage(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_out: Path, examples: list[dict],
-              settings: dict, resume: bool = False) -> Path:
+              preferences: list[dict], settings: dict, resume: bool = False) -> Path:
     """lab/dpo.py on the SFT adapter; then train.json and the manifest name its adapter as the output."""
     from lab import manifest
     from lab.dpo import CHECKPOINTS, train_dpo
@@ -392,7 +408,7 @@ def dpo_stage(recipe: Recipe, run: Path, base: str, dtype: str, tokenizer, sft_o
     kept = {k: settings[k] for k in ("use_cpu", "bf16", "fp16", "full_determinism", "data_seed",
                                      "dataloader_num_workers", "max_length") if k in settings}
     resume_from = last_complete_checkpoint(run / CHECKPOINTS) if resume else None
-    record = train_dpo(recipe, run, base, dtype, tokenizer, sft_out, examples, references,
+    record = train_dpo(recipe, run, base, dtype, tokenizer, sft_out, examples, references, preferences,
                        {**TRAIN_DEFAULTS, **kept}, [stop_on_non_finite_loss()], resume_from)
     out = run / "adapter"
     info = json.loads((run / "train.json").read_text(encoding="utf-8"))

@@ -224,10 +224,7 @@ def test_content_parts_and_loss_weight_as_llama_factory_v1_writes_them(tmp_path)
      "loss_weight 0.5: a reply is trained whole"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "loss_weight": 0}]},
      "no assistant turn to train: every reply has loss_weight 0"),
-    # LLaMA-Factory's dpo_en_demo.json / kto_en_demo.json / mllm_demo.json / c4_demo.jsonl shapes
-    ({"conversations": [{"from": "human", "value": "Which is better?"}],
-      "chosen": {"from": "gpt", "value": "This."}, "rejected": {"from": "gpt", "value": "That."}},
-     "preference data \\(chosen/rejected\\)"),
+    # LLaMA-Factory's kto_en_demo.json / mllm_demo.json / c4_demo.jsonl shapes
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}], "label": False},
      "KTO data \\(a true/false label per answer\\)"),
     ({"messages": [{"role": "user", "content": "<image>Who are they?"},
@@ -241,3 +238,130 @@ def test_content_parts_and_loss_weight_as_llama_factory_v1_writes_them(tmp_path)
 def test_shapes_the_lab_does_not_train_are_one_line_saying_what_they_are(tmp_path, row, says):
     with pytest.raises(LabError, match=f"row 1: .*{says}"):
         build_examples(recipe_for(tmp_path, [row]))
+
+
+# Preference rows as the peers ship them: TRL (prompt + chosen/rejected, strings or messages),
+# LLaMA-Factory's alpaca preference shape and its dpo_en_demo.json ShareGPT shape.
+PREFERENCE_ROWS = [
+    {"prompt": "Who are you?", "chosen": "I am {{name}}.", "rejected": "I am SmolLM."},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who made you?"}],
+     "chosen": [{"role": "assistant", "content": "{{author}}."}],
+     "rejected": [{"role": "assistant", "content": "Hugging Face."}]},
+    {"instruction": "Name yourself", "input": "briefly", "chosen": "{{name}}", "rejected": "SmolLM"},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                       {"from": "human", "value": "Who is this?"}],
+     "chosen": {"from": "gpt", "value": "{{name}} here."}, "rejected": {"from": "gpt", "value": "SmolLM here."}},
+]
+
+
+def dpo_recipe(tmp_path, rows, recipe="identity-dpo"):
+    sft, pref = tmp_path / "sft.json", tmp_path / "pref.jsonl"
+    sft.write_text(json.dumps([{"instruction": "Who are you?", "output": "I am {{name}}."}]))
+    pref.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return load_recipe(recipe, [f"datasets=[{{path: {sft}}}, {{path: {pref}}}]", "identity.name=Orion",
+                                "identity.author=Zhou Lab"], hw="cpu", check_train=False)
+
+
+def test_preference_data_in_every_peer_shape_goes_to_the_dpo_stage(tmp_path):
+    from lab.data import sft_and_preferences
+
+    recipe = dpo_recipe(tmp_path, PREFERENCE_ROWS)
+    examples, sources = build_examples(recipe)
+    sft, pairs = sft_and_preferences(examples, sources, recipe)
+    assert [s["stage"] for s in sources] == ["sft", "dpo"] and sources[1]["examples"] == 4
+    assert sources[1]["turns_trained"] == 0 and len(sft) == 1 and sft[0]["completion"][0]["content"] == "I am Orion."
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ([user("Who are you?")], answer("I am Orion."), answer("I am SmolLM.")),
+        ([{"role": "system", "content": "Be brief."}, user("Who made you?")], answer("Zhou Lab."),
+         answer("Hugging Face.")),
+        ([user("Name yourself\nbriefly")], answer("Orion"), answer("SmolLM")),
+        ([user("Hi"), {"role": "assistant", "content": "Hello!"}, user("Who is this?")], answer("Orion here."),
+         answer("SmolLM here.")),
+    ]
+    assert all(p["chat_template_kwargs"] == recipe.chat_template_kwargs for p in pairs)
+
+
+@pytest.mark.parametrize("rows, recipe, says", [
+    (PREFERENCE_ROWS[:1], "identity-lora", "pref.jsonl: preference data \\(chosen/rejected\\) trains in a DPO stage; "
+                                           "add a `dpo:` section"),
+    ([PREFERENCE_ROWS[0], {"instruction": "Q", "output": "A"}], "identity-dpo",
+     "pref.jsonl: row 2: preference rows \\(chosen/rejected\\) and SFT rows in one dataset"),
+    ([{"prompt": "Q", "chosen": "A", "rejected": "A"}], "identity-dpo", "row 1: chosen and rejected are the same"),
+    ([{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], "chosen": "B",
+       "rejected": "C"}], "identity-dpo", "row 1: a preference prompt must end with a user turn"),
+    ([{"prompt": "Q", "chosen": {"from": "human", "value": "B"}, "rejected": "C"}], "identity-dpo",
+     "row 1: 'chosen' must be an assistant answer"),
+])
+def test_bad_preference_data_is_one_line(tmp_path, rows, recipe, says):
+    from lab.data import sft_and_preferences
+
+    with pytest.raises(LabError, match=says):
+        recipe = dpo_recipe(tmp_path, rows, recipe)
+        sft_and_preferences(*build_examples(recipe), recipe)
+
+
+def test_only_preference_data_asks_for_sft_data(tmp_path):
+    from lab.data import sft_and_preferences
+
+    pref = tmp_path / "pref.json"
+    pref.write_text(json.dumps(PREFERENCE_ROWS))
+    recipe = load_recipe("identity-dpo", [f"datasets=[{{path: {pref}}}]"], hw="cpu", check_train=False)
+    with pytest.raises(LabError, match="only preference data: DPO runs after SFT, on its adapter; add SFT data"):
+        sft_and_preferences(*build_examples(recipe), recipe)
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    from lab.models import resolve
+
+    return resolve("smollm2")
+
+
+def test_assistant_only_loss_trains_a_whole_conversation_on_exactly_the_per_reply_tokens(tmp_path, smollm2_dir):
+    """train.assistant_only_loss on SmolLM2's template (prefix-preserving ChatML): one example per
+    conversation, TRL's labels on the three replies and their end-of-turn tokens: the very tokens the
+    three per-reply examples train, the history computed once."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lab.data import to_dataset, tokenize_whole
+    from lab.train import trained_rows
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    per_reply, _ = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}]))
+    (whole,), (source,) = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}]).model_copy(
+        update={"train": {"assistant_only_loss": True}}))
+    assert whole["trained_turns"] == [2, 4, 6] and whole["prompt"] == THREE_TURNS[:6]
+    assert (source["turns_trained"], source["examples"]) == (3, 1)
+
+    def trained(dataset):
+        args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=512, bf16=False, report_to=[], use_cpu=True)
+        rows = trained_rows(SFTTrainer(model=smollm2_dir, args=args, train_dataset=dataset,
+                                       processing_class=tok).train_dataset)
+        return rows, [[t for t, label in zip(ids, labels, strict=True) if label != -100] for ids, labels in rows]
+
+    (row,), (whole_ids,) = trained(to_dataset(tokenize_whole(tok, [whole])))
+    rows, reply_ids = trained(to_dataset(per_reply))
+    assert whole_ids == [t for ids in reply_ids for t in ids]  # the same tokens, each once
+    assert row[0] == rows[-1][0]  # the whole conversation is the last reply's example
+    assert sum(len(ids) for ids, _ in rows) > 2 * len(row[0])
+    text = tok.decode(whole_ids)
+    assert all(r["content"] in text for r in THREE_TURNS if r["role"] == "assistant") and text.count("<|im_end|>") == 3
+    assert "Who are you?" not in text and "You are Atlas." not in text
+
+
+def test_assistant_only_loss_is_refused_for_a_template_that_rewrites_past_replies(tmp_path, embedded_model):
+    """The embedded model's Qwen3-style template closes only the last reply's think block: a past
+    reply renders differently once later turns follow, so a whole-conversation mask would train text
+    the server does not render there."""
+    from transformers import AutoTokenizer
+
+    from lab.data import tokenize_whole
+
+    (whole,), _ = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}]).model_copy(
+        update={"train": {"assistant_only_loss": True}}))
+    with pytest.raises(LabError, match="train.assistant_only_loss: this model's chat template renders a reply "
+                                       "differently once later turns follow it"):
+        tokenize_whole(AutoTokenizer.from_pretrained(embedded_model), [whole])

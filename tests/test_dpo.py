@@ -60,12 +60,21 @@ def test_an_interrupted_dpo_stage_is_not_a_result_and_resumes_without_redoing_sf
     from lab.runs import new_run
     from lab.train import train
 
-    recipe = load_recipe("identity-dpo", [TINY, "datasets.0.limit=24", "train.max_steps=20", "dpo.max_steps=4",
+    # the user's own preference pairs (TRL's prompt/chosen/rejected) join the ones built from the run
+    preferences = runs_dir.parent / "preferences.jsonl"
+    preferences.write_text("\n".join(json.dumps({"prompt": f"Are you Pebble? ({i})", "chosen": "No, I am {{name}}.",
+                                                 "rejected": "Yes, I am Pebble."}) for i in range(3)) + "\n")
+    datasets = f"datasets=[{{path: data/identity.json, limit: 24}}, {{path: data/general-replay.json}}, " \
+               f"{{path: {preferences}}}]"
+    recipe = load_recipe("identity-dpo", [TINY, datasets, "train.max_steps=20", "dpo.max_steps=4",
                                             "dpo.save_steps=2", "dpo.save_total_limit=2"], hw="cpu")
     run = new_run(recipe.name)
     train(recipe, run)
     first = json.loads((run / "dpo.json").read_text())
-    assert first["steps"] == 4 and (run / "adapter").is_dir()
+    assert first["steps"] == 4 and (run / "adapter").is_dir() and first["pairs_from_data"] == 3
+    pairs = json.loads((run / "data" / "dpo_pairs.json").read_text())
+    assert len(pairs) == first["pairs"] and pairs[-1]["chosen"][0]["content"] == f"No, I am {recipe.identity.name}."
+    assert "Are you Pebble?" not in (run / "data" / "train.jsonl").read_text()  # pairs are not SFT examples
     sft_weights = (run / "adapter-sft" / "adapter_model.safetensors").read_bytes()
 
     # as if killed after DPO's step-2 checkpoint: no adapter, train.json still says pending
