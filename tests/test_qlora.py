@@ -1,16 +1,17 @@
 """QLoRA (bitsandbytes NF4 + LoRA) on CPU, on the embedded model: real 4-bit training through TRL,
-and the merge into the dequantized NF4 base against the merge into the original base (slow)."""
+served by vLLM and probed, and the merge into the dequantized NF4 base against the merge into the
+original base (slow)."""
 
 import json
+import os
+import subprocess
 
 import pytest
-from conftest import TINY
+from conftest import ROOT, TINY, free_port
 
 from lab.errors import LabError
 from lab.merge import merge
 from lab.recipe import load_recipe
-from lab.runs import new_run
-from lab.train import train
 
 
 def test_method_qlora_is_lora_on_an_nf4_base():
@@ -22,10 +23,18 @@ def test_method_qlora_is_lora_on_an_nf4_base():
 
 
 @pytest.mark.slow
-def test_qlora_trains_in_4_bits_and_merges_into_what_it_trained_against(runs_dir, embedded_model):
-    recipe = load_recipe("identity-lora", [TINY, "method=qlora", "train.max_steps=8"], hw="cpu")
-    run = new_run(recipe.name)
-    train(recipe, run)
+def test_qlora_end_to_end_and_both_merge_paths(runs_dir, embedded_model):
+    """`make e2e SET=method=qlora`: trained in 4 bits, merged into the dequantized NF4 base, served by
+    vLLM and probed with the strict bar; then the same adapter merged into the original base."""
+    r = subprocess.run(["make", "e2e", "HW=cpu", "RUNTIME=local", f"SET={TINY} method=qlora", f"PORT={free_port()}"],
+                       cwd=ROOT, env={**os.environ, "LAB_RUNS": str(runs_dir)}, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0 and "e2e: PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run = (runs_dir / "latest").resolve()
+    report = json.loads((run / "report.json").read_text())
+    assert report["pass"] is True and report["template_parity"]["match"] is True
+    assert report["after"]["identity_hit_rate"] >= 0.95 and report["after"]["leakage_rate"] <= 0.05
+    assert json.loads((run / "manifest.json").read_text())["merged"]["checks"]["qlora"]["merged_into"] == "dequantized"
     info = json.loads((run / "train.json").read_text())
     assert info["quantize"] == "nf4" and info["method"] == "lora" and info["final_loss"] is not None
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
