@@ -189,7 +189,7 @@ CASES = [
     ("data-unknown-format", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                           recipe_file(t, data=[{"question": "x", "answer": "y"}])],
       "lab train: error: {tmp}/data.json: row 1: unknown format with fields ['answer', 'question']; expected "
-      "alpaca, messages, sharegpt or prompt/completion, or map fields with `columns:`"),
+      "alpaca, messages, sharegpt, prompt/completion or chosen/rejected, or map fields with `columns:`"),
     ("data-raw-text", lambda t, r: ["train", "--hw", "cpu", "--recipe", recipe_file(t, data=[{"text": "x"}])],
       "lab train: error: {tmp}/data.json: row 1: raw text (a `text` field): that is pretraining data, and the lab "
       "trains chat replies; make question/answer rows, or build them from your fields with `columns:`"),
