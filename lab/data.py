@@ -204,18 +204,22 @@ def _as_messages(turns: list, fmt: str) -> list[dict[str, Any]]:
     return out
 
 
+def alpaca_prompt(row: dict[str, Any], system: str | None) -> list[dict[str, str]]:
+    """An alpaca row up to its question: [system?, (user, assistant) per history pair, user]."""
+    sys_prompt = row.get("system") or system
+    turns = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+    for pair in row.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise LabError(f"history entries are [user, assistant] pairs, got {pair!r}")
+        turns += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+    instruction, extra = str(_need(row, "instruction")), str(row.get("input") or "")
+    return turns + [{"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction}]
+
+
 def to_conversation(row: dict[str, Any], fmt: str, system: str | None) -> list[dict[str, str]]:
     """A messages/sharegpt/alpaca row as its whole conversation: [system?, user, assistant, ...]."""
     if fmt == "alpaca":
-        sys_prompt = row.get("system") or system
-        turns = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
-        for pair in row.get("history") or []:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                raise LabError(f"history entries are [user, assistant] pairs, got {pair!r}")
-            turns += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
-        instruction, extra = str(_need(row, "instruction")), str(row.get("input") or "")
-        turns.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
-        return turns + [{"role": "assistant", "content": str(_need(row, "output"))}]
+        return alpaca_prompt(row, system) + [{"role": "assistant", "content": str(_need(row, "output"))}]
     turns = _as_messages(_need(row, "messages" if fmt == "messages" else "conversations"), fmt)
     if not any(t["role"] == "system" for t in turns) and (row.get("system") or system):
         turns.insert(0, {"role": "system", "content": row.get("system") or system})
@@ -275,7 +279,7 @@ def to_preference(row: dict[str, Any], system: str | None) -> dict[str, list]:
         fmt = "sharegpt" if "conversations" in row else "messages"
         prompt = _as_messages(_need(row, "conversations" if fmt == "sharegpt" else "messages"), fmt)
     elif "instruction" in row:
-        prompt = to_conversation({**row, "output": "-"}, "alpaca", system)[:-1]
+        prompt = alpaca_prompt(row, system)
     else:
         raise LabError(f"preference row with fields {sorted(row)}: the question goes in `prompt`, `conversations`, "
                        "`messages` or `instruction`")
@@ -344,7 +348,7 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
     them, turns trained (one example each) and examples after `repeat`. SFT examples are
     prompt/completion; a preference dataset's are prompt/chosen/rejected pairs (its `stage`: dpo),
     which only a recipe with a DPO stage takes (sft_and_preferences)."""
-    examples, sources = [], []
+    examples, sources, whole = [], [], whole_conversations(recipe)
     for spec in recipe.datasets:
         rows, where = load_source(spec, recipe)
         converted, turns, kinds = [], 0, set()
@@ -359,7 +363,7 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
                 if len(kinds) > 1:
                     raise LabError("preference rows (chosen/rejected) and SFT rows in one dataset; keep them "
                                    "in two files (the first trains in the DPO stage, the second in SFT)")
-                row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on, whole_conversations(recipe))
+                row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on, whole)
                 turns += replies
                 converted += [_render(ex, recipe) for ex in row_examples]
             except LabError as e:
@@ -368,7 +372,7 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
             example["chat_template_kwargs"] = dict(recipe.chat_template_kwargs)
         examples += converted * spec.repeat
         preference = kinds == {True}
-        trained = sum(len(ex.get("trained_turns") or [None]) for ex in converted)
+        trained = sum(len(ex["trained_turns"]) if "trained_turns" in ex else 1 for ex in converted)
         sources.append({"path": where, "rows": len(rows), "stage": "dpo" if preference else "sft",
                         "assistant_turns": turns, "turns_trained": 0 if preference else trained,
                         "train_on": spec.train_on, "examples": len(converted) * spec.repeat,

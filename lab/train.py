@@ -228,7 +228,14 @@ def speed_plan(recipe: Recipe, base: str, tokenizer, examples: list[dict], setti
 
 
 def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
-    from lab.data import build_examples, sft_and_preferences, to_dataset, tokenize_whole, write_examples
+    from lab.data import (
+        build_examples,
+        sft_and_preferences,
+        to_dataset,
+        tokenize_whole,
+        whole_conversations,
+        write_examples,
+    )
 
     for key, value in HW_DEFAULTS[recipe.backend]["env"].items():  # before torch initialises the device
         os.environ.setdefault(key, value)
@@ -295,7 +302,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
     settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train, **device_settings}
     # train.assistant_only_loss: the lab's masks from the model's own template (lab/data.py:
     # tokenize_whole), so TRL is not asked to patch a template it does not know by name
-    whole = bool(settings.pop("assistant_only_loss", False))
+    settings.pop("assistant_only_loss", None)
+    whole = whole_conversations(recipe)
     plan = speed_plan(recipe, base, tokenizer, examples, settings, dtype)
     attn = plan.attn_implementation if plan else recipe.model.attn_implementation.replace("auto", "sdpa")
     if plan:
