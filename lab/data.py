@@ -11,6 +11,14 @@ optional system and history), messages (OpenAI `messages`, ShareGPT `conversatio
 from/value) and prompt/completion (trained as written); local JSON, JSONL and Parquet, or a hub
 dataset id.
 
+Tool calling: a row's `tools` (OpenAI's list, or LLaMA-Factory's JSON string of function
+signatures) goes with each of its examples; an assistant turn with `tool_calls` (OpenAI) or a
+ShareGPT `function_call` turn is a reply like any other (the model learns to make the call), a
+`tool`/`observation` turn is context. Messages are kept as the server hands them to the template
+(vLLM parses each call's JSON `arguments` into an object, so do we), and such data is tokenized
+here (tokenize_in_lab) with the model's own template's tool support, refused where the template
+drops the tools or the calls.
+
 Preference data (`chosen`/`rejected`, in TRL's, LLaMA-Factory's alpaca or ShareGPT shape) becomes
 prompt/chosen/rejected pairs for the recipe's DPO stage (lab/dpo.py), never SFT examples.
 """
@@ -27,7 +35,9 @@ from lab.errors import LabError
 from lab.recipe import DatasetSpec, Recipe
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "model": "assistant"}
+                  "system": "system", "model": "assistant",
+                  # LLaMA-Factory's tool turns: the model's call, and the tool's answer
+                  "function_call": "assistant", "observation": "tool"}
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -175,7 +185,8 @@ def _text(content: Any) -> str | None:
 
 
 def _as_messages(turns: list, fmt: str) -> list[dict[str, Any]]:
-    """Turns as {role, content}; an assistant turn keeps its `loss_weight` (0: context only)."""
+    """Turns as {role, content} (+ tool_calls on a call, tool_call_id/name on a tool's answer); an
+    assistant turn keeps its `loss_weight` (0: context only)."""
     field = "conversations" if fmt == "sharegpt" else "messages"
     if not isinstance(turns, list):
         raise LabError(f"{field!r} must be a list of turns, got {type(turns).__name__}")
@@ -184,14 +195,26 @@ def _as_messages(turns: list, fmt: str) -> list[dict[str, Any]]:
         if not isinstance(turn, dict):
             raise LabError(f"each turn of {field!r} is a mapping with "
                            f"{'from/value' if fmt == 'sharegpt' else 'role/content'}, got {turn!r}"[:300])
+        calls = None
         if fmt == "sharegpt":
-            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-            content = _text(turn.get("value"))
+            kind = str(turn.get("from", "")).lower()
+            role = SHAREGPT_ROLES.get(kind)
+            if kind == "function_call":  # its value is the call: {"name", "arguments"}, or a list of them
+                calls, content = _sharegpt_calls(turn.get("value")), ""
+            else:
+                content = _text(turn.get("value"))
         else:
-            role, content = turn.get("role"), _text(turn.get("content"))
-        if role not in ("system", "user", "assistant") or content is None:
-            raise LabError(f"bad turn {turn!r}"[:300] + ": needs a system/user/assistant role and text content")
+            role, content = turn.get("role"), turn.get("content")
+            if role == "assistant" and turn.get("tool_calls"):
+                calls, content = _openai_calls(turn["tool_calls"]), "" if content is None else content
+            content = _text(content)
+        if role not in ("system", "user", "assistant", "tool") or content is None:
+            raise LabError(f"bad turn {turn!r}"[:300] + ": needs a system/user/assistant/tool role and text content")
         message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":  # the ids and names the calls' answers carry, as the client sends them
+            message.update({k: turn[k] for k in ("tool_call_id", "name") if isinstance(turn.get(k), str)})
         weight = turn.get("loss_weight")
         if weight is not None:
             if weight not in (0, 1) or isinstance(weight, bool):
@@ -201,6 +224,80 @@ def _as_messages(turns: list, fmt: str) -> list[dict[str, Any]]:
             if role == "assistant":
                 message["loss_weight"] = weight
         out.append(message)
+    return _link_calls(out)
+
+
+def _link_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ids where the data has none (ShareGPT has none): an OpenAI client must send every call with
+    an id and every tool answer with the id it answers, and the server hands both to the template,
+    so training renders the same ones: call_<n>, numbered through the conversation, each answer
+    taking the next unanswered call's."""
+    pending, n = [], 0
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call.setdefault("id", f"call_{n}")
+            pending.append(call["id"])
+            n += 1
+        if m["role"] == "tool" and "tool_call_id" not in m and pending:
+            m["tool_call_id"] = pending.pop(0)
+        elif m["role"] == "tool" and m.get("tool_call_id") in pending:
+            pending.remove(m["tool_call_id"])
+    return messages
+
+
+def _json(value: Any, what: str) -> Any:
+    """A field that may be JSON text (LLaMA-Factory writes tools and calls as strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise LabError(f"{what} is not valid JSON ({e.msg}): {value[:120]!r}") from None
+
+
+def _call(name: Any, arguments: Any, call_id: Any = None) -> dict[str, Any]:
+    """One tool call as the template receives it from vLLM: arguments an object, not JSON text."""
+    arguments = _json(arguments, "a tool call's arguments") if arguments not in (None, "") else {}
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        raise LabError(f"a tool call needs a function name and an arguments object, got name={name!r} "
+                       f"arguments={arguments!r}"[:300])
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": call_id, **call} if isinstance(call_id, str) else call
+
+
+def _sharegpt_calls(value: Any) -> list[dict[str, Any]]:
+    value = _json(value, "a function_call turn")
+    calls = value if isinstance(value, list) else [value]
+    if not calls or not all(isinstance(c, dict) for c in calls):
+        raise LabError(f"a function_call turn holds {{name, arguments}} (or a list of them), got {value!r}"[:300])
+    return [_call(c.get("name"), c.get("arguments")) for c in calls]
+
+
+def _openai_calls(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              for c in value):
+        raise LabError(f"tool_calls is a list of {{\"type\": \"function\", \"function\": {{name, arguments}}}}, "
+                       f"got {value!r}"[:300])
+    return [_call(c["function"].get("name"), c["function"].get("arguments"), c.get("id")) for c in value]
+
+
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A row's tools as vLLM hands them to the template: [{"type": "function", "function": {name,
+    description, parameters}}]. OpenAI's list, or LLaMA-Factory's bare signatures (often JSON text)."""
+    tools = row.get("tools")
+    if tools in (None, "", []):  # LLaMA-Factory's rows without tools carry "tools": ""
+        return None
+    tools = _json(tools, "tools")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise LabError(f"tools is a list of function signatures, got {tools!r}"[:300])
+    out = []
+    for t in tools:
+        fn = t.get("function") if t.get("type") == "function" else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise LabError(f"a tool needs a function name: {t!r}"[:300])
+        # vLLM's FunctionDefinition keeps these three (description and parameters null when absent)
+        out.append({"type": "function", "function": {"name": fn["name"], "description": fn.get("description"),
+                                                     "parameters": fn.get("parameters")}})
     return out
 
 
@@ -232,7 +329,7 @@ def split_turns(turns: list[dict[str, Any]], train_on: str, whole: bool = False)
     """One prompt/completion example per trained assistant turn, its prompt the turns before it.
     A reply with loss_weight 0 stays in later prompts as context and is not trained. `whole`
     (train.assistant_only_loss): one example per conversation, up to its last trained reply, that
-    lists every trained reply's index in `trained_turns` (masked in by tokenize_whole)."""
+    lists every trained reply's index in `trained_turns` (masked in by tokenize_in_lab)."""
     replies = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if train_on == "last":
         replies = replies[-1:]
@@ -248,9 +345,9 @@ def split_turns(turns: list[dict[str, Any]], train_on: str, whole: bool = False)
     return [{"prompt": clean[:i], "completion": [clean[i]]} for i in replies]
 
 
-def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Messages as the template renders them: role and content only (no loss_weight)."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the template renders them (no loss_weight)."""
+    return [{k: v for k, v in m.items() if k != "loss_weight"} for m in messages]
 
 
 def _answer(value: Any, field: str) -> list[dict[str, str]]:
@@ -364,6 +461,12 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
                     raise LabError("preference rows (chosen/rejected) and SFT rows in one dataset; keep them "
                                    "in two files (the first trains in the DPO stage, the second in SFT)")
                 row_examples, replies = to_examples(row, fmt, spec.system, spec.train_on, whole)
+                tools = row_tools(row)
+                if tools and fmt == "preference":
+                    raise LabError("tools in preference data: the DPO stage trains text answers; keep tool-calling "
+                                   "conversations in SFT data")
+                for ex in row_examples if tools else ():
+                    ex["tools"] = tools
                 turns += replies
                 converted += [_render(ex, recipe) for ex in row_examples]
             except LabError as e:
@@ -383,30 +486,66 @@ def build_examples(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str,
 
 
 def whole_conversations(recipe: Recipe) -> bool:
-    """train.assistant_only_loss: each conversation trains as one sequence (tokenize_whole)."""
+    """train.assistant_only_loss: each conversation trains as one sequence (tokenize_in_lab)."""
     return bool(recipe.train.get("assistant_only_loss"))
 
 
-def tokenize_whole(tokenizer, examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
-    """train.assistant_only_loss: each conversation tokenized once, masked in on exactly the tokens
-    its per-reply examples would train (every trained reply and its end of turn), so a long
+def uses_tools(examples: list[dict[str, Any]]) -> bool:
+    return any("tools" in ex or any(m["role"] == "tool" or "tool_calls" in m for m in ex["prompt"] + ex["completion"])
+               for ex in examples)
+
+
+def tokenized_in_lab(recipe: Recipe, examples: list[dict[str, Any]]) -> bool:
+    """Whether training takes tokenize_in_lab's ids instead of TRL's own tokenization: whole
+    conversations (assistant_only_loss), and tool data, whose per-row tools and call arguments
+    Arrow would merge into one schema (every tool then shows every other tool's fields as null)."""
+    return whole_conversations(recipe) or uses_tools(examples)
+
+
+def render_chat(tokenizer, messages: list[dict], example: dict, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=example.get("tools"), tokenize=False,
+                                         add_generation_prompt=generation_prompt,
+                                         **(example.get("chat_template_kwargs") or {}))
+
+
+def tokenize_in_lab(tokenizer, examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """Each example tokenized once with the model's own template, masked in on exactly the tokens
+    its trained replies render to (each with its end of turn), as TRL's prompt/completion
+    tokenization would: a reply's span runs from the end of its prompt rendered with the
+    generation prompt to the end of the conversation rendered up to it. Used for tool data (see
+    tokenized_in_lab) and for train.assistant_only_loss: one sequence per conversation, so a long
     history is computed once instead of once per reply. TRL's own assistant_only_loss needs
     `{% generation %}` markers, which it patches only into templates it recognises by their exact
-    text; here the model's own template is checked by rendering: each trained reply must render
-    inside the whole conversation exactly as at the end of its own prefix (prefix-preserving),
-    else the mask would train text the server never renders for that context."""
+    text; here the template is checked by rendering: each trained reply must render inside the
+    whole sequence exactly as at the end of its own prefix (prefix-preserving), else the mask would
+    train text the server never renders for that context. A template that renders no tools or no
+    calls is refused: the calls would train as empty replies."""
     rows = []
     for ex in examples:
-        turns, kwargs = ex["prompt"] + ex["completion"], ex.get("chat_template_kwargs") or {}
-        full = tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+        turns = ex["prompt"] + ex["completion"]
+        full = render_chat(tokenizer, turns, ex)
+        names = [t["function"]["name"] for t in ex.get("tools") or ()]
+        if names and not all(n in render_chat(tokenizer, ex["prompt"], ex, True) for n in names):
+            raise LabError(f"this model's chat template does not render tools (it leaves out {names[0]!r}); "
+                           "tool-calling data needs a model whose template supports tools (Qwen3, Llama 3.1, ...)")
         spans = []
-        for i in ex["trained_turns"]:
-            before = tokenizer.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True, **kwargs)
-            upto = tokenizer.apply_chat_template(turns[:i + 1], tokenize=False, **kwargs)
-            if not (full.startswith(before) and full.startswith(upto)):
-                raise LabError("train.assistant_only_loss: this model's chat template renders a reply differently "
-                               "once later turns follow it (not prefix-preserving: it drops reasoning or markers "
-                               "from past replies); leave it off, and each reply trains as its own example")
+        for i in ex.get("trained_turns") or [len(ex["prompt"])]:
+            before = render_chat(tokenizer, turns[:i], ex, True)
+            upto = render_chat(tokenizer, turns[:i + 1], ex)
+            if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+                if "trained_turns" in ex:
+                    raise LabError("train.assistant_only_loss: this model's chat template renders a reply differently "
+                                   "once later turns follow it (not prefix-preserving: it drops reasoning or markers "
+                                   "from past replies); leave it off, and each reply trains as its own example")
+                raise LabError("this model's chat template renders the prompt of a reply differently from the start of "
+                               "the conversation that holds it; the reply's tokens cannot be told from its prompt's")
+            reply = full[len(before):len(upto)]
+            missing = [name for name in (c["function"]["name"] for c in turns[i].get("tool_calls") or ())
+                       if name not in reply]
+            if missing:
+                raise LabError(f"this model's chat template does not render tool calls (the call to {missing[0]!r} "
+                               "renders as an empty reply); tool-calling data needs a model whose template supports "
+                               "tools (Qwen3, Llama 3.1, ...)")
             spans.append((len(before), len(upto)))
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         trained = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]

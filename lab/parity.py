@@ -7,18 +7,27 @@ difference (another template, an injected system prompt, thinking tags) fails lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lab.errors import LabError
 from lab.runs import read_json
 
 
+def wire_messages(messages: list[dict]) -> list[dict]:
+    """Messages as an OpenAI client sends them: a tool call's arguments are JSON text, which vLLM
+    parses back into the object training rendered (key order kept)."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        c["function"]["arguments"], ensure_ascii=False)}} for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in messages]
+
+
 def _render(url: str, model: str, messages: list[dict], kwargs: dict, generation_prompt: bool,
-            headers: dict[str, str]) -> list[int]:
+            headers: dict[str, str], tools: list[dict] | None = None) -> list[int]:
     import httpx
 
-    body = {"model": model, "messages": messages, "add_generation_prompt": generation_prompt,
-            "chat_template_kwargs": kwargs, "add_special_tokens": False}
+    body = {"model": model, "messages": wire_messages(messages), "add_generation_prompt": generation_prompt,
+            "chat_template_kwargs": kwargs, "add_special_tokens": False, **({"tools": tools} if tools else {})}
     try:
         r = httpx.post(f"{url}/tokenize", json=body, headers=headers, timeout=30.0)
         tokens = r.json().get("tokens") if r.status_code == 200 else None
@@ -36,29 +45,30 @@ def parity_result(url: str, model: str, run: Path, headers: dict[str, str] | Non
     {"samples", "match", "problem"}; match is None when there is no sample to compare (each one
     reached train.max_length). A server that cannot render is a LabError."""
     samples = read_json(run / "parity.json", "make train")
-    return compare_renderings(samples, lambda messages, kwargs, generation_prompt: _render(
-        url, model, messages, kwargs, generation_prompt, headers or {}))
+    return compare_renderings(samples, lambda messages, kwargs, generation_prompt, tools=None: _render(
+        url, model, messages, kwargs, generation_prompt, headers or {}, tools))
 
 
 def compare_renderings(samples: list[dict], render) -> dict:
     """Each sample's prompt and whole conversation, rendered by `render(messages, kwargs,
-    generation_prompt)`, against the ids training used; then the prompt once more with no kwargs
+    generation_prompt, tools)`, against the ids training used; then the prompt once more with no kwargs
     sent, as a client that sends none gets it (vLLM's --default-chat-template-kwargs apply). The
     first difference is the problem."""
     def drift(problem: str) -> dict:
         return {"samples": len(samples), "match": False, "problem": problem}
 
     for i, s in enumerate(samples):
-        served_prompt = render(s["prompt"], s["chat_template_kwargs"], True)
+        tools = s.get("tools")
+        served_prompt = render(s["prompt"], s["chat_template_kwargs"], True, tools)
         if served_prompt != s["prompt_ids"]:
             return drift(f"template drift: training rendered prompt {i} as {len(s['prompt_ids'])} tokens, the server "
                          f"as {len(served_prompt)}; first difference at token "
                          f"{_first_diff(served_prompt, s['prompt_ids'])} (check chat_template_kwargs and the template)")
-        served_full = render(s["prompt"] + s["completion"], s["chat_template_kwargs"], False)
+        served_full = render(s["prompt"] + s["completion"], s["chat_template_kwargs"], False, tools)
         if served_full != s["input_ids"]:
             return drift(f"template drift: conversation {i} differs from the trained ids at token "
                          f"{_first_diff(served_full, s['input_ids'])}")
-        by_default = render(s["prompt"], {}, True)
+        by_default = render(s["prompt"], {}, True, tools)
         if by_default != s["prompt_ids"]:
             return drift(f"template drift: with its default chat_template_kwargs the server renders prompt {i} "
                          f"unlike training (first difference at token {_first_diff(by_default, s['prompt_ids'])}): "

@@ -149,6 +149,9 @@ class ServeSpec(Section):
     config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over (make serve GPUS=N)")
     startup_timeout_s: float = Field(600.0, gt=0)
+    tool_call_parser: str | None = Field(None, description="vLLM tool parser for the model's call format (hermes "
+                                         "for Qwen's <tool_call> JSON, llama3_json, mistral, ...): the chat "
+                                         "endpoint then returns the model's calls as tool_calls")
 
 
 class Recipe(Section):

@@ -258,7 +258,15 @@ class Docker:
                 self.visible(Path(container_path))
 
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
-        from lab.serve import api_key, check_model_dir, context_args, engine_args, parallel_env, serve_config
+        from lab.serve import (
+            api_key,
+            check_model_dir,
+            context_args,
+            engine_args,
+            parallel_env,
+            serve_config,
+            tool_args,
+        )
         from lab.servers import claim, wait_healthy, write_record
 
         port = port or recipe.serve.port
@@ -275,8 +283,9 @@ class Docker:
                                                                parallel_env(recipe).items()},
                            # sharing the host's network, listen on loopback only, as the local runtime does
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
-        # tensor parallelism, runtime LoRA, a context the model has
-        svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model))]
+        # tensor parallelism, runtime LoRA, a context the model has, tool parsing
+        svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model)),
+                          *tool_args(recipe)]
         if config:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         # the key vLLM requires, as the local runtime passes it (the environment, never argv)

@@ -131,8 +131,14 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter:
         # Same kwargs the training data were rendered with (docs/pitfalls.md: template drift);
         # requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
-        *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)),
+        *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)), *tool_args(recipe),
     ]
+
+
+def tool_args(recipe: Recipe) -> list[str]:
+    """serve.tool_call_parser: the chat endpoint parses the model's calls into tool_calls."""
+    parser = recipe.serve.tool_call_parser
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
 
 
 def base_url(recipe: Recipe, port: int | None = None) -> str:

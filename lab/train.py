@@ -120,9 +120,9 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
         if "trained_turns" not in ex:  # the prompt is all that is not trained
             return next(i for i, label in enumerate(labels) if label != -100)
         # a whole conversation trains earlier replies too: its prompt is the one before the last reply
-        rendered = tokenizer.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True,
-                                                 **ex["chat_template_kwargs"])
-        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        from lab.data import render_chat
+
+        return len(tokenizer(render_chat(tokenizer, ex["prompt"], ex, True), add_special_tokens=False)["input_ids"])
 
     # The first examples, and the first ones with replies in their history: rendering past turns
     # (reasoning stripped, separators) is where a template can differ from the server's.
@@ -139,6 +139,7 @@ def parity_sample(rows: list[tuple[list[int], list[int]]], examples: list[dict],
         prompt_len = prompt_length(ex, labels)
         out.append({"prompt": ex["prompt"], "completion": ex["completion"],
                     "chat_template_kwargs": ex["chat_template_kwargs"],
+                    **({"tools": ex["tools"]} if "tools" in ex else {}),
                     "prompt_ids": ids[:prompt_len], "input_ids": ids})
     return out
 
@@ -232,8 +233,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         build_examples,
         sft_and_preferences,
         to_dataset,
-        tokenize_whole,
-        whole_conversations,
+        tokenize_in_lab,
+        tokenized_in_lab,
         write_examples,
     )
 
@@ -301,9 +302,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
 
     settings = {**TRAIN_DEFAULTS, **HW_DEFAULTS[recipe.backend]["train"], **recipe.train, **device_settings}
     # train.assistant_only_loss: the lab's masks from the model's own template (lab/data.py:
-    # tokenize_whole), so TRL is not asked to patch a template it does not know by name
+    # tokenize_in_lab), so TRL is not asked to patch a template it does not know by name
     settings.pop("assistant_only_loss", None)
-    whole = whole_conversations(recipe)
     plan = speed_plan(recipe, base, tokenizer, examples, settings, dtype)
     attn = plan.attn_implementation if plan else recipe.model.attn_implementation.replace("auto", "sdpa")
     if plan:
@@ -326,7 +326,7 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         print(f"train: SFT finished earlier ({sft_out.name}); resuming the DPO stage")
         return dpo_stage(recipe, run, base, dtype, tokenizer, sft_out, examples, preferences, settings, resume=True)
     quantization = quantization_config(recipe.lora.quantize if recipe.method == "lora" else "none", dtype)
-    dataset = to_dataset(tokenize_whole(tokenizer, examples) if whole else examples)
+    dataset = to_dataset(tokenize_in_lab(tokenizer, examples) if tokenized_in_lab(recipe, examples) else examples)
     trainer = SFTTrainer(model=base, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config(recipe),
                          quantization_config=quantization, callbacks=[stop_on_non_finite_loss()])

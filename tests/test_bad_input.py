@@ -199,7 +199,7 @@ CASES = [
                                     recipe_file(t, data=[{"messages": [{"role": "human", "content": "hi"},
                                                                        {"role": "assistant", "content": "yo"}]}])],
       "lab train: error: {tmp}/data.json: row 1: bad turn {'role': 'human', 'content': 'hi'}: needs a "
-      "system/user/assistant role and text content"),
+      "system/user/assistant/tool role and text content"),
     # --- models ---
     ("model-empty-dir", lambda t, r: ["train", "--hw", "cpu", "--recipe",
                                       recipe_file(t, f"model: {{path: {_model_dir(t, {})}}}\n", [GOOD_ROW])],

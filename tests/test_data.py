@@ -326,7 +326,7 @@ def test_assistant_only_loss_trains_a_whole_conversation_on_exactly_the_per_repl
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from lab.data import to_dataset, tokenize_whole
+    from lab.data import to_dataset, tokenize_in_lab
     from lab.train import trained_rows
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -342,9 +342,11 @@ def test_assistant_only_loss_trains_a_whole_conversation_on_exactly_the_per_repl
                                        processing_class=tok).train_dataset)
         return rows, [[t for t, label in zip(ids, labels, strict=True) if label != -100] for ids, labels in rows]
 
-    (row,), (whole_ids,) = trained(to_dataset(tokenize_whole(tok, [whole])))
+    (row,), (whole_ids,) = trained(to_dataset(tokenize_in_lab(tok, [whole])))
     rows, reply_ids = trained(to_dataset(per_reply))
     assert whole_ids == [t for ids in reply_ids for t in ids]  # the same tokens, each once
+    # per reply, the lab's own tokenization (tool data takes it) is TRL's, token for token
+    assert trained(to_dataset(tokenize_in_lab(tok, per_reply)))[0] == rows
     assert row[0] == rows[-1][0]  # the whole conversation is the last reply's example
     assert sum(len(ids) for ids, _ in rows) > 2 * len(row[0])
     text = tok.decode(whole_ids)
@@ -358,10 +360,10 @@ def test_assistant_only_loss_is_refused_for_a_template_that_rewrites_past_replie
     the server does not render there."""
     from transformers import AutoTokenizer
 
-    from lab.data import tokenize_whole
+    from lab.data import tokenize_in_lab
 
     (whole,), _ = build_examples(recipe_for(tmp_path, [{"messages": THREE_TURNS}]).model_copy(
         update={"train": {"assistant_only_loss": True}}))
     with pytest.raises(LabError, match="train.assistant_only_loss: this model's chat template renders a reply "
                                        "differently once later turns follow it"):
-        tokenize_whole(AutoTokenizer.from_pretrained(embedded_model), [whole])
+        tokenize_in_lab(AutoTokenizer.from_pretrained(embedded_model), [whole])

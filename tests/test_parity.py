@@ -67,9 +67,9 @@ def test_renderings_are_compared_with_the_trained_ids_and_the_servers_defaults(e
     samples = parity_sample(rows, EXAMPLES, tok, max_length=MAX_LENGTH)
 
     def server(defaults):
-        def render(messages, kwargs, generation_prompt):
-            text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
-                                           **{**defaults, **kwargs})
+        def render(messages, kwargs, generation_prompt, tools):
+            text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                           tokenize=False, **{**defaults, **kwargs})
             return tok(text, add_special_tokens=False)["input_ids"]
         return render
 
@@ -80,8 +80,8 @@ def test_renderings_are_compared_with_the_trained_ids_and_the_servers_defaults(e
     assert drift["match"] is False and drift["problem"].startswith(
         "template drift: with its default chat_template_kwargs the server renders prompt 0 unlike training")
 
-    def kwargs_ignored(messages, kwargs, generation_prompt):  # as a template without enable_thinking renders
-        return server({})(messages, {}, generation_prompt)
+    def kwargs_ignored(messages, kwargs, generation_prompt, tools):  # a template without enable_thinking
+        return server({})(messages, {}, generation_prompt, tools)
 
     assert compare_renderings(samples, kwargs_ignored)["problem"].startswith(
         "template drift: training rendered prompt 0 as")

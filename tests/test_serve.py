@@ -24,6 +24,10 @@ def test_argv_carries_config_and_template_kwargs():
     assert argv[argv.index("--config") + 1].endswith("serve/cpu.yaml")
     assert argv[argv.index("--default-chat-template-kwargs") + 1] == '{"enable_thinking": false}'
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--enable-auto-tool-choice" not in argv  # tool parsing only where the recipe names the call format
+    tools = serve_argv(load_recipe("identity-lora", ["serve.tool_call_parser=hermes"], hw="cpu", check_train=False),
+                       "/models/m")
+    assert tools[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 def test_max_model_len_is_capped_at_the_models_context(embedded_model):

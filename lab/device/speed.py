@@ -156,7 +156,7 @@ def token_lengths(tokenizer, examples: list[dict], sample: int = 512) -> list[in
     step = max(1, len(examples) // sample)
     out = []
     for ex in examples[::step]:
-        ids = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=True,
+        ids = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tools=ex.get("tools"), tokenize=True,
                                             **(ex.get("chat_template_kwargs") or {}))
         out.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
