@@ -37,7 +37,14 @@ LOCK    ?=
 LAB_CPU_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export LAB_CPU_TORCH_INDEX_URL
 # Which pinned environment to install (requirements/*-<PINS>.txt): the GPU a host has, else cpu.
-PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || ( (command -v rocminfo || test -e /dev/kfd) >/dev/null 2>&1 && echo rocm) || echo cpu))
+PINS    ?= $(if $(filter cuda rocm cpu,$(HW)),$(HW),$(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || ( (command -v rocminfo || test -e /dev/kfd) >/dev/null 2>&1 && echo rocm) || echo cpu))$(if $(filter 12,$(CUDA)),12)
+# CUDA=12: NVIDIA drivers older than 580 and V100s: the cuda12 lock (PyTorch 2.9, CUDA 12.8) and,
+# for the images, a CUDA 12.8 PyTorch base (compose.yaml's LAB_CUDA_PINS, LAB_CUDA_BASE_IMAGE).
+CUDA    ?=
+ifeq ($(CUDA),12)
+export LAB_CUDA_PINS ?= cuda12
+export LAB_CUDA_BASE_IMAGE ?= pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+endif
 
 VENV     := .venv
 TRAIN_PY := $(VENV)/train/bin/python

@@ -159,5 +159,5 @@ def test_a_gpu_the_installed_pytorch_was_not_built_for_is_refused_in_one_line():
     assert built_for("sm_90", CUDA13) and built_for("sm_89", CUDA13 + ["compute_80"])  # PTX compiles forward
     assert built_for("gfx1151", ["gfx1100", "gfx1151"]) and not built_for("gfx1151", ["gfx942"])
     with pytest.raises(LabError, match=r"^this PyTorch \(built with 13.0\) has no kernels for Tesla V100-SXM2-32GB "
-                                       r"\(sm_70\); it covers sm_75, .*for a V100, CUDA 12.x"):
+                                       r"\(sm_70\); it covers sm_75, .*for a V100, the CUDA 12 one: make setup CUDA"):
         check_built_for("Tesla V100-SXM2-32GB", "sm_70", CUDA13, "13.0")

@@ -40,6 +40,18 @@ def test_cpu_locks_never_take_the_cuda_torch_and_the_cuda_lock_does():
     assert "# Python 3.12," in (pins.LOCKS / "train-cuda.txt").read_text()
 
 
+def test_the_cuda12_lock_is_the_cuda_lock_on_a_cuda_12_torch():
+    """CUDA=12 (drivers older than 580, V100s): PyTorch 2.9 with CUDA 12 runtime wheels, and the
+    training libraries of the CUDA 13 lock, version for version."""
+    cuda, cuda12 = (pins.read_pins(pins.LOCKS / f"{n}.txt") for n in ("train-cuda", "train-cuda12"))
+    assert cuda12["torch"].startswith("2.9.") and "+" not in cuda12["torch"]
+    assert any(p.startswith("nvidia-") and p.endswith("-cu12") for p in cuda12)
+    assert not any("cu13" in p or p.startswith("cuda-toolkit") for p in cuda12)
+    for lib in ("transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"):
+        assert cuda12[lib] == cuda[lib], lib
+    assert pins.table()["train-cuda12"]["python"] == "3.12"
+
+
 def test_this_environment_is_its_lock_exactly():
     d = pins.drift()
     assert d is not None, "the test environment was not installed by requirements/install.sh"

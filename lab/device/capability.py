@@ -39,7 +39,7 @@ DEVICES: dict[str, Device] = {
     "L4": Device("NVIDIA L4", "cuda", "sm_89", True, 24.0),
     "T4": Device("Tesla T4", "cuda", "sm_75", False, 16.0),
     # Volta: PyTorch's CUDA 13 builds (the lab's CUDA image) carry no sm_70 kernels; `detect` refuses
-    # it there in one line, a CUDA 12.x build runs it
+    # it there in one line; the cuda12 lock's build (PyTorch 2.9, CUDA 12.8) carries them
     "V100": Device("Tesla V100-SXM2-32GB", "cuda", "sm_70", False, 32.0),
     "MI300X": Device("AMD Instinct MI300X", "rocm", "gfx942", True, 192.0),
     "MI250X": Device("AMD Instinct MI250X", "rocm", "gfx90a", True, 64.0),
@@ -131,7 +131,7 @@ def check_built_for(name: str, arch: str, arch_list: list[str], version: str | N
     if not built_for(arch, arch_list):
         raise LabError(f"this PyTorch (built with {version}) has no kernels for {name} ({arch}); it covers "
                        f"{', '.join(arch_list)}: use an image/lock with a PyTorch build for {arch} (for a V100, "
-                       "CUDA 12.x: LAB_CUDA_BASE_IMAGE=pytorch/pytorch:<version>-cuda12.x-...)")
+                       "the CUDA 12 one: make setup CUDA=12, or make images HW=cuda CUDA=12)")
 
 
 def decide(recipe, device: Device) -> tuple[str, dict, list[dict]]:
