@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report compare reproduce lint test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report runs dashboard compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -64,7 +64,7 @@ endif
 # Every value a user gives reaches the lab through the environment as LAB_ARG_<NAME>, verbatim:
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
-ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
+ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER ADAPTERS SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
              CONCURRENCY REQUESTS TIME_LIMIT
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
@@ -116,7 +116,7 @@ train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
 	$(LAB) merge
 
-serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; GPUS=N: tensor parallel) on 127.0.0.1:8000
+serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; ADAPTERS="RUN_A RUN_B": several LoRA runs, one base; GPUS=N: tensor parallel) on 127.0.0.1:8000
 	$(LAB) serve
 
 ask: setup  ## make ask Q="你是谁？"
@@ -136,6 +136,12 @@ e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the
 
 report: setup  ## rewrite the report of RUN (default: latest)
 	$(LAB) report
+
+dashboard: setup  ## trackio's dashboard (runs trained with SET=train.report_to=trackio) on 127.0.0.1:7860 (PORT=)
+	$(LAB) dashboard
+
+runs: setup  ## runs/index.html: every run on one page (file://, no server); rebuilt after each run command too
+	$(LAB) runs
 
 reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inputs checked), then compare
 	$(LAB) reproduce

@@ -277,7 +277,9 @@ def cmd_serve(args) -> int:
             update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
     runtime = _runtime(args, recipe)
     adapter = None
-    if args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
+    if args.adapters:  # several LoRA runs of one base, one server
+        recipe, model, adapter = _adapters(args.adapters, runtime, args.hw)
+    elif args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
         from lab.recipe import load_saved
         from lab.runs import find_run
 
@@ -293,8 +295,35 @@ def cmd_serve(args) -> int:
     log = RUNS_DIR / f"server-{port}.log"  # one per port: two servers never write one log
     print(f"serve: starting vLLM for {model}{f' + LoRA {adapter}' if adapter else ''} (log: {log})", flush=True)
     url = runtime.start(recipe, model, log, port, adapter)
-    print(f"serve: ready at {url}/v1 as model {recipe.serve.served_model_name!r}; `make stop` ends it")
+    names = list(adapter) + [f"{recipe.serve.served_model_name}-base"] if isinstance(adapter, dict) \
+        else [recipe.serve.served_model_name]
+    print(f"serve: ready at {url}/v1 as model {', '.join(repr(n) for n in names)}; `make stop` ends it")
     return 0
+
+
+def _adapters(refs: list[str], runtime, hw: str):
+    """ADAPTERS=: (recipe, base, {run name: adapter path}) for LoRA runs of one base model. The
+    server takes the first run's recipe; every run must render chats as it does (chat-template
+    kwargs), or its answers would not be what it learned."""
+    from lab.recipe import load_saved
+    from lab.runs import find_run
+
+    runs = [find_run(ref) for ref in dict.fromkeys(refs)]
+    recipes = [load_saved(run, hw=hw) for run in runs]
+    for run, r in zip(runs, recipes, strict=True):
+        if r.method != "lora" or not (run / "adapter").is_dir():
+            raise LabError(f"ADAPTERS= serves LoRA runs' adapters; {run.name} has none (method {r.method})")
+    bases = [str(runtime.base_model(r)) for r in recipes]
+    for run, r, base in zip(runs[1:], recipes[1:], bases[1:], strict=True):
+        if base != bases[0]:
+            raise LabError(f"ADAPTERS=: {run.name} was trained on {base}, {runs[0].name} on {bases[0]}: one server "
+                           "serves adapters of one base; start a server per base (PORT=)")
+        if r.chat_template_kwargs != recipes[0].chat_template_kwargs:
+            raise LabError(f"ADAPTERS=: {run.name} renders chats with {r.chat_template_kwargs}, {runs[0].name} with "
+                           f"{recipes[0].chat_template_kwargs}; one server renders them one way")
+    recipe = recipes[0].model_copy(update={"lora": recipes[0].lora.model_copy(
+        update={"r": max(r.lora.r for r in recipes)})})
+    return recipe, bases[0], {run.name: runtime.served_path(run / "adapter") for run in runs}
 
 
 def cmd_stop(args) -> int:
@@ -351,6 +380,8 @@ def cmd_probe(args) -> int:
     server must render the run's parity.json conversations as the ids training used; drift exits 1."""
     from lab.probe import load_questions, old_identity_of, probe, record_probe, run_references
 
+    if _served_adapters(args):
+        return _probe_adapters(args, _served_adapters(args))
     run, why, served = _asked_run(args)
     recipe = _run_recipe(args, run, why)
     load_questions(recipe)  # a bad question file is one line before any model is built or fetched
@@ -387,6 +418,50 @@ def cmd_probe(args) -> int:
               f"RUN={run.name}`)", file=sys.stderr)
         return 1
     return 0
+
+
+def _served_adapters(args) -> dict[str, str] | None:
+    """The adapters (name -> path) of the lab's server that will be asked, when it serves several."""
+    from lab.servers import server_state
+
+    if args.base_url:
+        return None
+    state = server_state(_port(args))
+    return state.get("adapters") if state else None
+
+
+def _probe_adapters(args, adapters: dict[str, str]) -> int:
+    """A server of several adapters (ADAPTERS=): each adapter probed by its own run's recipe and
+    recorded in that run, with template parity; then the bare base, recorded in a `probe` run."""
+    from lab.probe import old_identity_of, probe, record_probe, run_references
+    from lab.runs import find_run
+
+    drift = False
+    for name in adapters:
+        run = find_run(name)
+        recipe = _run_recipe(args, run, f"adapter {name} of the lab's server")
+        runtime = _runtime(args, recipe)
+        url = _url(args, recipe)
+        before = run / "probe-before.json"
+        before = json.loads(before.read_text(encoding="utf-8")) if before.is_file() else None
+        old = old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe))), before)
+        result = probe(url, recipe, old, run_references(run), model=name)
+        parity = _probe_parity(url, name, run, recipe)
+        if parity is not None:
+            result["template_parity"] = parity
+            drift |= parity["match"] is False
+        recorded, entry = record_probe(result, url, recipe, runtime, run=run)
+        if parity is not None:
+            from lab import manifest
+
+            manifest.amend(recorded, "probes", entry["file"], template_parity=parity)
+        print(f"probe: {name} (as {recipe.identity.name}): {json.dumps(result['summary'], ensure_ascii=False)} "
+              f"-> {recorded / 'manifest.json'}")
+    base = f"{recipe.serve.served_model_name}-base"
+    result = probe(url, recipe, old, None, model=base)
+    recorded, _ = record_probe(result, url, recipe, runtime)
+    print(f"probe: {base}: {json.dumps(result['summary'], ensure_ascii=False)} -> {recorded / 'manifest.json'}")
+    return 1 if drift else 0
 
 
 def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
@@ -481,6 +556,24 @@ def cmd_images(args) -> int:
     for role in roles:
         svc = containers.service(f"{role}-{hw}", env)
         containers.build(svc, RUNS_DIR / ".images" / f"{svc['name']}.log", nocache=args.no_cache)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from lab import runs
+    from lab.tracking import dashboard
+
+    return dashboard(runs.RUNS_DIR, _port(args) or 7860)
+
+
+def cmd_runs(args) -> int:
+    from lab import runs
+    from lab.browser import write_index
+
+    out = write_index(runs.RUNS_DIR)
+    if out is None:
+        raise LabError(f"no runs yet in {runs.RUNS_DIR}: `make train` or `make e2e` makes one")
+    print(f"runs: {out.resolve().as_uri()}")
     return 0
 
 
@@ -585,6 +678,8 @@ COMMANDS = {
               ("recipe", "run", "runtime", "port"), [
         _flag("--adapter", action="store_true", env_flag="ADAPTER",
               help="serve the run's base + LoRA adapter with vLLM's runtime LoRA (no merge)"),
+        _flag("--adapters", nargs="*", env=("ADAPTERS", ""), split=True,
+              help="several LoRA runs over their one base, each adapter under its run's name"),
         _flag("--gpus", type=int, env=("GPUS",), help="GPUs one model is split over (vLLM --tensor-parallel-size)"),
         _flag("--model", env=("MODEL",), help="model dir, hub id, or 'base' (default: the run's merged model)")]),
     "stop": (cmd_stop, "stop the server `serve` started", ("port",), []),
@@ -622,6 +717,9 @@ COMMANDS = {
         _flag("--wheels", env=("WHEELS",), help="a directory of wheels pip may use in the build (offline hosts)"),
         _flag("--ca-bundle", env=("CA_BUNDLE",), help="extra CA certificates (PEM) for TLS-intercepting proxies")]),
     "report": (cmd_report, "rewrite a run's report from its artifacts", ("run",), []),
+    "dashboard": (cmd_dashboard, "trackio's dashboard of every run that reports to trackio, on 127.0.0.1 (PORT=, "
+                                 "default 7860)", ("port",), []),
+    "runs": (cmd_runs, "rebuild runs/index.html, every run on one page (also rebuilt after each run command)", (), []),
     "reproduce": (cmd_reproduce, "rerun a run from its manifest (inputs checked first), then compare", ("runtime",), [
         _flag("run", nargs="?", env=("RUN", "latest"), help="run directory, name, or its manifest.json")]),
     "lock": (cmd_lock, "resolve requirements/lock/<env>.txt from the pins (requirements/locks.yaml) with uv", (), [
@@ -658,13 +756,34 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+# Commands that make, change or judge runs: runs/index.html is rebuilt after each, done or failed.
+RUN_COMMANDS = {"train", "merge", "serve", "probe", "e2e", "report", "reproduce", "compare", "bench"}
+
+
+def _rebuild_browser(command: str) -> None:
+    """runs/index.html (lab/browser.py) from rank 0 only; a page that cannot be written never
+    turns a command's result into a failure."""
+    if command not in RUN_COMMANDS or os.environ.get("RANK", "0") != "0":
+        return
+    from lab import runs
+    from lab.browser import write_index
+
+    try:
+        write_index(runs.RUNS_DIR)
+    except OSError as e:  # a read-only runs/ (a probe-only host), a full disk
+        print(f"lab: runs/index.html not rebuilt ({e})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup make train &` asked to ignore SIGHUP
             signal.signal(sig, _interrupt)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            _rebuild_browser(args.command)
     except KeyboardInterrupt as e:
         log = f"; log: {e.lab_log}" if getattr(e, "lab_log", None) else ""  # a failed run's, kept in runs/.failed
         print(f"lab {args.command}: interrupted{f' ({e.args[0]})' if e.args else ''}{log}", file=sys.stderr)

@@ -73,6 +73,10 @@ def e2e(recipe: Recipe, port: int | None = None, runtime: Runtime | None = None)
                     probe={"before": before["summary"], "after": after["summary"],
                            "template_parity": parity, "verdict": checks,
                            "pass": report["pass"]})
+    from lab import tracking
+    from lab.runs import RUNS_DIR
+
+    tracking.log_probe_scores(recipe, run, RUNS_DIR, before["summary"], after["summary"])
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']} (needs {c['op']} {c['threshold']})")
     total = sum(report["timings_s"].values())

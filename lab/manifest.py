@@ -177,7 +177,9 @@ def serving(state: dict | None) -> dict | None:
     if not state:
         return None
     model = relative_to_lab(state["model"]) if "container" not in state else state["model"]
-    engine = {"runtime_lora": bool(state.get("adapter")), "tensor_parallel_size": state.get("tensor_parallel_size", 1)}
+    engine = {"runtime_lora": bool(state.get("adapter") or state.get("adapters")),
+              "tensor_parallel_size": state.get("tensor_parallel_size", 1),
+              **({"adapters": sorted(state["adapters"])} if state.get("adapters") else {})}
     if "container" in state:
         return {"runtime": "docker", "image": state.get("image"), "image_id": state.get("image_id"), "model": model,
                 **engine}

@@ -481,10 +481,14 @@ def old_identity_of(recipe: Recipe, base_model: str | None, before: dict | None 
 
 
 def probe(base_url: str, recipe: Recipe, old_identity: list[str],
-          references: dict[str, list[str]] | None = None) -> dict[str, Any]:
+          references: dict[str, list[str]] | None = None, model: str | None = None) -> dict[str, Any]:
+    """The recipe's questions to the served model (`model`: one of several the server serves, by name)."""
     questions = load_questions(recipe)
     api = client(base_url, recipe)
-    model = served_model(api, recipe.serve.served_model_name, recipe.serve.api_key_env)
+    served = served_model(api, model or recipe.serve.served_model_name, recipe.serve.api_key_env)
+    if model and served != model:
+        raise LabError(f"{base_url} does not serve a model named {model!r}")
+    model = served
     answers = {key: [chat(api, model, q["q"], recipe) for q in questions[key]] for key in ("identity", "controls")}
     if "persona" in questions:  # in-character lines, under the role's system prompt
         spec = questions["persona"]
@@ -583,9 +587,9 @@ def verdict(before: dict | None, after: dict, recipe: Recipe) -> list[dict[str, 
     return out
 
 
-def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path, dict]:
-    """A standalone probe's manifest entry: in the run whose model the lab's server serves, else
-    in a new `probe` run (a base model, or any other endpoint)."""
+def record_probe(result: dict, url: str, recipe: Recipe, runtime, run: Path | None = None) -> tuple[Path, dict]:
+    """A standalone probe's manifest entry: in `run`, else the run whose model the lab's server
+    serves, else a new `probe` run (a base model, or any other endpoint)."""
     from datetime import datetime
 
     from lab import manifest
@@ -595,7 +599,8 @@ def record_probe(result: dict, url: str, recipe: Recipe, runtime) -> tuple[Path,
 
     state = server_state(port_of(server_root(url)))
     ours = state if state and state["url"].rstrip("/") == server_root(url) else None
-    run = owner(runtime.host_path(ours["model"])) if ours else None
+    if run is None and ours and not ours.get("adapters"):  # several adapters: the caller names each one's run
+        run = owner(runtime.host_path(ours["model"]))
     if run is None:
         run = new_run("probe", latest=False)  # a probe is no training run: `latest` stays
         manifest.update(run, environment=manifest.environment(), hardware=host(recipe.backend))

@@ -356,7 +356,9 @@ GUARDED_TRAIN_KEYS = {"trust_remote_code": "runs the model repository's own Pyth
 # (eos_token, pad_token, bos_token are token strings of the model, not credentials)
 SECRET_KEY = re.compile(r"^(token|secret|password|passwd)$|(^|_)(hub_token|access_token|auth_token|api_?key|"
                         r"access_key|secret|password)$", re.IGNORECASE)
-LOCAL_REPORTERS = {"none", "tensorboard"}  # report_to values that write only into the run directory
+# report_to values that keep metrics on this machine: the run directory (tensorboard), runs/.trackio
+# (trackio, with its Hub sync switched off: lab/tracking.py)
+LOCAL_REPORTERS = {"none", "tensorboard", "trackio"}
 
 
 def _guarded(key: str, value: Any) -> str | None:

@@ -50,7 +50,8 @@ class Runtime(Protocol):
     def merge(self, run: Path) -> Path:
         """`lab merge` of `run`: its merged/ directory on this host."""
 
-    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None,
+              adapter: str | dict[str, str] | None = None) -> str:
         """vLLM serving `model` (or base + `adapter`) in the background; its base URL once healthy."""
 
     def served_path(self, host_path: Path) -> str:
@@ -98,7 +99,8 @@ class Local:
 
         return merge(run)
 
-    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None,
+              adapter: str | dict[str, str] | None = None) -> str:
         from lab.serve import start
 
         return start(recipe, model, log, port, adapter)
@@ -257,7 +259,8 @@ class Docker:
             if Path(container_path).exists():  # bound at its own path when it was trained
                 self.visible(Path(container_path))
 
-    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+    def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None,
+              adapter: str | dict[str, str] | None = None) -> str:
         from lab.serve import (
             api_key,
             check_model_dir,
@@ -265,6 +268,7 @@ class Docker:
             engine_args,
             parallel_env,
             serve_config,
+            served_record,
             tool_args,
         )
         from lab.servers import claim, wait_healthy, write_record
@@ -293,8 +297,7 @@ class Docker:
         with claim(url):  # the port's lock, as the local runtime takes it
             container = self.c.start(svc, log)
             record = write_record(url, log, {"container": container.id, "image": svc["image"],
-                                             "image_id": container.image.id, "model": adapter or model,
-                                             "adapter": adapter,
+                                             "image_id": container.image.id, **served_record(model, adapter),
                                              "tensor_parallel_size": recipe.serve.tensor_parallel_size})
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe.serve.startup_timeout_s, log, record, failed=lambda: self._failed(container.id))

@@ -88,16 +88,28 @@ def parallel_env(recipe: Recipe) -> dict[str, str]:
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
-def lora_args(name: str, adapter: str, rank: int) -> list[str]:
-    """vLLM's runtime LoRA: the adapter answers as `name`, the bare base as `name-base`."""
+def lora_args(name: str, adapter: str | dict[str, str], rank: int) -> list[str]:
+    """vLLM's runtime LoRA over one base: the adapter answers as `name`, or (several, ADAPTERS=)
+    each as its own key; the bare base as `name-base`. --max-loras: all of them in one batch."""
     max_rank = next((r for r in LORA_RANKS if r >= rank), None)
     if max_rank is None:
         raise LabError(f"LoRA rank {rank} is above what vLLM serves ({LORA_RANKS[-1]}); merge it instead")
+    modules = adapter if isinstance(adapter, dict) else {name: adapter}
     return ["--enable-lora", "--max-lora-rank", str(max_rank),
-            "--lora-modules", json.dumps({"name": name, "path": adapter, "base_model_name": f"{name}-base"})]
+            *(["--max-loras", str(len(modules))] if len(modules) > 1 else []),
+            "--lora-modules", *(json.dumps({"name": n, "path": path, "base_model_name": f"{name}-base"})
+                                for n, path in modules.items())]
 
 
-def engine_args(recipe: Recipe, adapter: str | None = None) -> list[str]:
+def served_record(model: str, adapter: str | dict[str, str] | None) -> dict:
+    """What a server record says it serves: the adapter (ADAPTER=1), or the base and each named
+    adapter (ADAPTERS=), or the model."""
+    if isinstance(adapter, dict):
+        return {"model": str(model), "adapter": None, "adapters": adapter}
+    return {"model": str(adapter or model), "adapter": adapter}
+
+
+def engine_args(recipe: Recipe, adapter: str | dict[str, str] | None = None) -> list[str]:
     """vLLM flags beyond serve/<hw>.yaml, the same for the local and the docker runtime."""
     tp = recipe.serve.tensor_parallel_size
     return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
@@ -120,7 +132,8 @@ def context_args(recipe: Recipe, model_dir: Path) -> list[str]:
     return ["--max-model-len", str(have)] if want and have and int(want) > int(have) else []
 
 
-def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None, adapter: str | None = None) -> list[str]:
+def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None,
+               adapter: str | dict[str, str] | None = None) -> list[str]:
     s = recipe.serve
     return [
         serve_python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -151,14 +164,16 @@ def check_model_dir(model_dir: Path | str) -> None:
         raise LabError(f"{model_dir} is not a model directory (no config.json); `make merge` produces one")
 
 
-def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, adapter: str | None = None) -> str:
+def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None,
+          adapter: str | dict[str, str] | None = None) -> str:
     """Start vLLM in the background and return its base URL once /health answers. With an
     adapter, vLLM applies the LoRA at run time over the base (no merge)."""
     url = base_url(recipe, port)
     check_exposure(recipe)
     check_model_dir(model_dir)
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise LabError(f"{adapter} is not a LoRA adapter (no adapter_config.json); ADAPTER=1 needs a LoRA run")
+    for path in (adapter.values() if isinstance(adapter, dict) else [adapter] if adapter else []):
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise LabError(f"{path} is not a LoRA adapter (no adapter_config.json); serving adapters needs LoRA runs")
     argv = serve_argv(recipe, model_dir, port, adapter)
     with claim(url):
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +183,8 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None, ad
                                     start_new_session=True)
         try:
             record = write_record(url, log, {
-                "pid": proc.pid, "pid_started": process_started(proc.pid), "model": str(adapter or model_dir),
-                "adapter": adapter, "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv})
+                "pid": proc.pid, "pid_started": process_started(proc.pid), **served_record(model_dir, adapter),
+                "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv})
         except BaseException:  # e.g. a full disk under runs/: no server without a record
             stop_process_group(proc.pid)
             raise

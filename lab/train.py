@@ -311,6 +311,10 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
         if main:
             for d in plan.decisions:
                 print(f"speed: {d['setting']}={d['value']} ({d['why']})")
+    from lab import tracking
+    from lab.runs import RUNS_DIR
+
+    settings.update(tracking.training_settings(recipe, run, RUNS_DIR))  # report_to: trackio, kept local
     if recipe.deterministic:  # TrainingArguments enables it (use_deterministic_algorithms, seeds, cuBLAS)
         settings.update(full_determinism=True, data_seed=recipe.seed, dataloader_num_workers=0)
     try:

@@ -58,6 +58,11 @@ def test_e2e_changes_identity_and_keeps_the_rest(runs_dir, hub_model):
     assert not list((runs_dir / ".servers").glob("*.json"))  # servers stopped
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["runtime"] == "local" and manifest["probe"]["pass"] is True
+    # the run browser, rebuilt after the command, shows the real run: identity, verdict, scores
+    page = (runs_dir / "index.html").read_text()
+    row = page[page.index(f'<a href="{run.name}/">'):].split("</tr>")[0]
+    assert "Orion / Zhou Lab" in row and ">PASS<" in row and "<polyline" in row
+    assert f"{report['before']['identity_hit_rate']:.2f} &rarr; {report['after']['identity_hit_rate']:.2f}" in row
     assert manifest["output"]["dir"] == "adapter" and manifest["output"]["sft"]["dir"] == "adapter-sft"
     assert manifest["dpo"]["pairs"] == dpo["pairs"]
     assert (manifest["base_model"]["source"] == hub_model["id"]

@@ -1,0 +1,81 @@
+"""Several LoRA adapters behind one vLLM server (make serve ADAPTERS="A B"): real vLLM CPU, two
+identities trained on the embedded model, each adapter answering as its own, the base as the base."""
+
+import json
+import os
+import shutil
+
+import httpx
+import pytest
+from conftest import TINY, free_port, run_lab
+
+from lab.errors import LabError
+from lab.recipe import load_recipe
+from lab.serve import lora_args, serve_argv, served_record
+
+
+def test_one_module_per_adapter_and_all_in_one_batch():
+    r = load_recipe("identity-lora", hw="cpu", check_train=False)
+    argv = serve_argv(r, "/m/base", 8000, {"run-a": "/runs/a/adapter", "run-b": "/runs/b/adapter"})
+    assert argv[argv.index("--served-model-name") + 1] == "lab-base"
+    assert argv[argv.index("--max-loras") + 1] == "2" and argv[argv.index("--max-lora-rank") + 1] == "16"
+    i = argv.index("--lora-modules")
+    assert [json.loads(m) for m in argv[i + 1:i + 3]] == [
+        {"name": "run-a", "path": "/runs/a/adapter", "base_model_name": "lab-base"},
+        {"name": "run-b", "path": "/runs/b/adapter", "base_model_name": "lab-base"}]
+    assert "--max-loras" not in lora_args("lab", "/runs/a/adapter", 16)  # one adapter: vLLM's default
+    assert served_record("/m/base", {"run-a": "/x"}) == {"model": "/m/base", "adapter": None,
+                                                         "adapters": {"run-a": "/x"}}
+    with pytest.raises(LabError, match="LoRA rank 600 is above what vLLM serves"):
+        lora_args("lab", {"a": "/x"}, 600)
+
+
+@pytest.mark.slow
+def test_two_identities_one_server(runs_dir, embedded_model, tmp_path):
+    env = {"LAB_RUNS": str(runs_dir)}
+    runs = []
+    for name, author in (("Orion", "Zhou Lab"), ("Lumen", "Atelier")):
+        r = run_lab("train", "--hw", "cpu", "--runtime", "local", "--set",
+                    f"{TINY} identity.name={name} identity.author='{author}'", env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append((runs_dir / "latest").resolve())
+    a, b = runs
+    # a run without an adapter (full fine-tuning makes none) is refused before anything starts
+    bare = runs_dir / f"{a.name}-bare"
+    shutil.copytree(a, bare, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
+    r = run_lab("serve", "--hw", "cpu", "--runtime", "local", "--adapters", a.name, bare.name, env=env)
+    assert r.returncode == 2 and f"ADAPTERS= serves LoRA runs' adapters; {bare.name} has none" in r.stderr
+    shutil.rmtree(bare)
+
+    port = free_port()
+    r = run_lab("serve", "--hw", "cpu", "--runtime", "local", "--adapters", a.name, b.name, "--port", str(port),
+                env=env, timeout=900)
+    try:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert f"as model '{a.name}', '{b.name}', 'lab-base'" in r.stdout
+        url = f"http://127.0.0.1:{port}/v1"
+        models = {m["id"]: m for m in httpx.get(f"{url}/models").json()["data"]}
+        assert set(models) == {a.name, b.name, "lab-base"} and models[a.name]["parent"] == "lab-base"
+
+        def ask(model):
+            body = {"model": model, "messages": [{"role": "user", "content": "Who are you?"}], "temperature": 0,
+                    "max_tokens": 48, "chat_template_kwargs": {"enable_thinking": False}}
+            choice = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()["choices"][0]
+            return choice["message"]["content"]
+
+        answers = {m: ask(m) for m in models}
+        assert "Orion" in answers[a.name] and "Lumen" not in answers[a.name], answers
+        assert "Lumen" in answers[b.name] and "Orion" not in answers[b.name], answers
+        assert "Pebble" in answers["lab-base"], answers  # the embedded model's own persona
+        r = run_lab("probe", "--hw", "cpu", "--runtime", "local", "--port", str(port), env=env, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    finally:
+        run_lab("stop", env=env, timeout=120)
+    for run, name in ((a, "Orion"), (b, "Lumen")):
+        (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
+        assert entry["summary"]["identity_hit_rate"] >= 0.95 and entry["template_parity"]["match"] is True, name
+        assert entry["serving"]["adapters"] == sorted([a.name, b.name]) and entry["serving"]["runtime_lora"]
+    (base,) = [d for d in runs_dir.iterdir() if d.name.endswith("-probe")]
+    (entry,) = json.loads((base / "manifest.json").read_text())["probes"]
+    assert entry["summary"]["identity_hit_rate"] == 0.0
+    assert os.path.isfile(runs_dir / "index.html")
