@@ -267,7 +267,12 @@ def cmd_serve(args) -> int:
     from lab.runs import RUNS_DIR
     from lab.serve import check_exposure
 
-    run = _served_run(args)
+    if args.adapters:  # the first of the runs whose adapters are served: its recipe is the server's
+        from lab.runs import find_run
+
+        run = find_run(args.adapters[0])
+    else:
+        run = _served_run(args)
     recipe = _run_recipe(args, run, "the model to serve is its own")
     check_exposure(recipe)  # before a model is resolved (a GGUF base converts first: minutes, and output)
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
