@@ -385,8 +385,9 @@ def cmd_probe(args) -> int:
     server must render the run's parity.json conversations as the ids training used; drift exits 1."""
     from lab.probe import load_questions, old_identity_of, probe, record_probe, run_references
 
-    if _served_adapters(args):
-        return _probe_adapters(args, _served_adapters(args))
+    adapters = _served_adapters(args)
+    if adapters:  # a server of several adapters: each is probed into its own run
+        return _probe_adapters(args, adapters)
     run, why, served = _asked_run(args)
     recipe = _run_recipe(args, run, why)
     load_questions(recipe)  # a bad question file is one line before any model is built or fetched
