@@ -98,5 +98,7 @@ def test_a_diverged_run_fails_in_one_line_and_leaves_no_model(runs_dir, embedded
                         rf"was saved \(losses: {re.escape(str(kept / 'metrics.jsonl'))}\)", errors[0]), errors[0]
     assert sorted(p.name for p in kept.iterdir()) == ["metrics.jsonl", "recipe.yaml", "timings.json"]
     assert f"lab: removed {kept.name} (no checkpoint to resume from)" in r.stdout
-    # no adapter/, no run, no `latest`: its checkpoints (one every tenth of the run) went first
-    assert sorted(p.name for p in runs_dir.iterdir()) == [".failed"]
+    # no adapter/, no run, no `latest`: its checkpoints (one every tenth of the run) went first; the run
+    # browser was rebuilt after the failed command (it lists the failed run's log)
+    assert sorted(p.name for p in runs_dir.iterdir()) == [".failed", "index.html"]
+    assert f'href=".failed/{kept.name}/"' in (runs_dir / "index.html").read_text()

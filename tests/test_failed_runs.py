@@ -106,5 +106,5 @@ def test_a_failed_multi_process_train_names_its_kept_log(runs_dir, embedded_mode
     assert "is not a valid DistributedType" in (kept / "train.log").read_text()
     assert f"lab: removed {kept.name} (no checkpoint to resume from); its log: {kept / 'train.log'}" \
         in r.stdout
-    assert sorted(p.name for p in runs_dir.iterdir()) == [".failed", "earlier", "latest"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == [".failed", "earlier", "index.html", "latest"]
     assert (runs_dir / "latest").resolve() == earlier.resolve()

@@ -45,4 +45,4 @@ def test_reproduce_refuses_changed_inputs(runs_dir, tmp_path):
         "datasets": [{"rows": 161, "rows_sha256": "0" * 64}, {"rows": 28, "rows_sha256": "0" * 64}]}))
     r = run_lab("reproduce", "old", timeout=300)
     assert r.returncode == 2 and "identity.json differs from the run's" in r.stderr and "Traceback" not in r.stderr
-    assert [p.name for p in runs_dir.iterdir()] == ["old"]  # nothing half-made
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["index.html", "old"]  # nothing half-made
