@@ -100,6 +100,12 @@ def _asked_run(args) -> tuple[Path | None, str, bool]:
         state = state if state and state["url"].rstrip("/") == root else None
     else:
         state = server_state(_port(args))
+    if state and state.get("adapters"):  # several adapters: the first one's run (ADAPTERS= order)
+        from lab.runs import find_run
+
+        name = next(iter(state["adapters"]))
+        return find_run(name), f"the lab's server at {state['url']} serves its adapter, the first of " \
+            f"{len(state['adapters'])}", True
     run = _record_owner(state, args.hw) if state else None
     if run is not None and (run / "recipe.yaml").is_file():
         return run, f"the lab's server at {state['url']} serves its {Path(state['model']).name}", True
@@ -363,11 +369,24 @@ def _url(args, recipe) -> str:
     return base_url(recipe, port) if port else (running_url() or base_url(recipe))
 
 
+def _client_recipe(args):
+    """The recipe `ask` and `load` use: the server's run's, as probe's. Against a server of several
+    adapters, the first adapter's run, asking that adapter by its name unless
+    SET=serve.served_model_name=<another run or <name>-base> asks another model of the server."""
+    run, why, _ = _asked_run(args)
+    recipe = _run_recipe(args, run, why)
+    adapters = _served_adapters(args)
+    if adapters and "serve.served_model_name" not in (args.set or ""):
+        recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(
+            update={"served_model_name": next(iter(adapters))})})
+    return recipe
+
+
 def cmd_ask(args) -> int:
     """One question to the server, with the recipe probe would judge it by (its chat_template_kwargs)."""
     from lab.probe import ask
 
-    recipe = _run_recipe(args, *_asked_run(args)[:2])
+    recipe = _client_recipe(args)
     r = ask(_url(args, recipe), args.question, recipe)
     print(r["answer"])
     if r["finish_reason"] != "stop":
@@ -491,7 +510,7 @@ def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
 def cmd_load(args) -> int:
     from lab.load import load
 
-    recipe = _run_recipe(args, *_asked_run(args)[:2])  # the server's own run's recipe, as for probe
+    recipe = _client_recipe(args)  # the server's own run's recipe, as for probe
     url = _url(args, recipe)
     print(f"load: {args.requests} requests, {args.concurrency} at a time, at most {args.time_limit:g} s, "
           f"against {url}", flush=True)

@@ -67,6 +67,12 @@ def test_two_identities_one_server(runs_dir, embedded_model, tmp_path):
         assert "Orion" in answers[a.name] and "Lumen" not in answers[a.name], answers
         assert "Lumen" in answers[b.name] and "Orion" not in answers[b.name], answers
         assert "Pebble" in answers["lab-base"], answers  # the embedded model's own persona
+        # `make ask` and `make load` ask the first adapter (its run's recipe), SET= names another model
+        r = run_lab("ask", "--hw", "cpu", "--port", str(port), env=env, timeout=300)
+        assert r.returncode == 0 and "Orion" in r.stdout and f"of run {a.name}" in r.stdout, r.stdout + r.stderr
+        r = run_lab("ask", "--hw", "cpu", "--port", str(port), "--set", f"serve.served_model_name={b.name}",
+                    env=env, timeout=300)
+        assert r.returncode == 0 and "Lumen" in r.stdout, r.stdout + r.stderr
         r = run_lab("probe", "--hw", "cpu", "--runtime", "local", "--port", str(port), env=env, timeout=900)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     finally:
