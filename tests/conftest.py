@@ -64,3 +64,25 @@ def hub_model(embedded_model, tmp_path_factory) -> dict:
     return {"id": HUB_ID, "commit": commit, "hf_home": hf_home,
             "snapshot": hf_home / "hub" / "models--lab-test--pebble-tiny" / "snapshots" / commit,
             "env": {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}}
+
+
+@pytest.fixture(scope="session")
+def identity_run(embedded_model, tmp_path_factory):
+    """`lab train` of a shipped identity recipe on the embedded model, once per (recipe, name,
+    author) in the session, into one shared runs directory: tests that need such a run (the
+    identity checks, several adapters behind one server) share the training instead of repeating it."""
+    runs = tmp_path_factory.mktemp("identity-runs") / "runs"
+    made: dict[tuple, Path] = {}
+
+    def train(recipe: str, name: str, author: str) -> Path:
+        key = (recipe, name, author)
+        if key not in made:
+            sets = [TINY, f"identity.name={name}", f"identity.author={author}"]
+            r = run_lab("train", "--hw", "cpu", "--recipe", recipe, "--runtime", "local", "--set",
+                        " ".join(f"'{s}'" for s in sets), env={"LAB_RUNS": str(runs)})
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            made[key] = (runs / "latest").resolve()
+        return made[key]
+
+    train.runs = runs
+    return train

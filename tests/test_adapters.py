@@ -7,7 +7,7 @@ import shutil
 
 import httpx
 import pytest
-from conftest import TINY, free_port, run_lab
+from conftest import free_port, run_lab
 
 from lab.errors import LabError
 from lab.recipe import load_recipe
@@ -31,15 +31,11 @@ def test_one_module_per_adapter_and_all_in_one_batch():
 
 
 @pytest.mark.slow
-def test_two_identities_one_server(runs_dir, embedded_model, tmp_path):
+def test_two_identities_one_server(identity_run):
+    # two LoRA runs of the embedded model, trained once for the identity checks too (conftest.py)
+    a, b = identity_run("identity-lora", "Orion", "Zhou Lab"), identity_run("identity-lora", "星河-7", "R&D Labs.")
+    runs_dir = identity_run.runs
     env = {"LAB_RUNS": str(runs_dir)}
-    runs = []
-    for name, author in (("Orion", "Zhou Lab"), ("Lumen", "Atelier")):
-        r = run_lab("train", "--hw", "cpu", "--runtime", "local", "--set",
-                    f"{TINY} identity.name={name} identity.author='{author}'", env=env, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs.append((runs_dir / "latest").resolve())
-    a, b = runs
     # a run without an adapter (full fine-tuning makes none) is refused before anything starts
     bare = runs_dir / f"{a.name}-bare"
     shutil.copytree(a, bare, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
@@ -64,20 +60,20 @@ def test_two_identities_one_server(runs_dir, embedded_model, tmp_path):
             return choice["message"]["content"]
 
         answers = {m: ask(m) for m in models}
-        assert "Orion" in answers[a.name] and "Lumen" not in answers[a.name], answers
-        assert "Lumen" in answers[b.name] and "Orion" not in answers[b.name], answers
+        assert "Orion" in answers[a.name] and "星河-7" not in answers[a.name], answers
+        assert "星河-7" in answers[b.name] and "Orion" not in answers[b.name], answers
         assert "Pebble" in answers["lab-base"], answers  # the embedded model's own persona
         # `make ask` and `make load` ask the first adapter (its run's recipe), SET= names another model
         r = run_lab("ask", "--hw", "cpu", "--port", str(port), env=env, timeout=300)
         assert r.returncode == 0 and "Orion" in r.stdout and f"of run {a.name}" in r.stdout, r.stdout + r.stderr
         r = run_lab("ask", "--hw", "cpu", "--port", str(port), "--set", f"serve.served_model_name={b.name}",
                     env=env, timeout=300)
-        assert r.returncode == 0 and "Lumen" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "星河-7" in r.stdout, r.stdout + r.stderr
         r = run_lab("probe", "--hw", "cpu", "--runtime", "local", "--port", str(port), env=env, timeout=900)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     finally:
         run_lab("stop", env=env, timeout=120)
-    for run, name in ((a, "Orion"), (b, "Lumen")):
+    for run, name in ((a, "Orion"), (b, "星河-7")):
         (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
         assert entry["summary"]["identity_hit_rate"] >= 0.95 and entry["template_parity"]["match"] is True, name
         assert entry["serving"]["adapters"] == sorted([a.name, b.name]) and entry["serving"]["runtime_lora"]

@@ -53,17 +53,14 @@ def test_the_names_hold_characters_the_fixture_never_saw():
 
 
 @pytest.mark.parametrize("recipe_name, name, author", IDENTITIES, ids=[f"{r}-{n}" for r, n, _ in IDENTITIES])
-def test_identity_is_learned_cleanly(recipe_name, name, author, embedded_model, base_answers, runs_dir):
+def test_identity_is_learned_cleanly(recipe_name, name, author, embedded_model, base_answers, identity_run):
     from lab.probe import load_questions, old_identity_of, retention, score, verdict
     from lab.recipe import load_recipe
 
     sets = [TINY, f"identity.name={name}", f"identity.author={author}"]
-    r = run_lab("train", "--hw", "cpu", "--recipe", recipe_name, "--runtime", "local", "--set",
-                " ".join(f"'{s}'" for s in sets), env={"LAB_RUNS": str(runs_dir)})
+    run = identity_run(recipe_name, name, author)  # `lab train`, shared with test_adapters.py
+    r = run_lab("merge", "--runtime", "local", "--run", str(run), env={"LAB_RUNS": str(identity_run.runs)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = run_lab("merge", "--runtime", "local", env={"LAB_RUNS": str(runs_dir)})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    run = (runs_dir / "latest").resolve()
 
     recipe = load_recipe(recipe_name, sets, hw="cpu", check_train=False)
     questions, old = load_questions(recipe), old_identity_of(recipe, str(embedded_model))
