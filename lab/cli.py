@@ -402,7 +402,7 @@ def cmd_probe(args) -> int:
     RECIPE= (default identity-lora). SET= goes on top of a run's recipe; RECIPE= replaces it on
     purpose (SET= on top of that). Against a run's server, template parity is checked too: the
     server must render the run's parity.json conversations as the ids training used; drift exits 1."""
-    from lab.probe import load_questions, old_identity_of, probe, record_probe, run_references
+    from lab.probe import load_questions, probe, run_references
 
     adapters = _served_adapters(args)
     if adapters:  # a server of several adapters: each is probed into its own run
@@ -411,12 +411,8 @@ def cmd_probe(args) -> int:
     recipe = _run_recipe(args, run, why)
     load_questions(recipe)  # a bad question file is one line before any model is built or fetched
     url = _url(args, recipe)
-    # Leakage counts the base model's own persona too (the embedded model records one, a chat template
-    # may give one) and, for a run's server, every name the base gave itself in the run's first probe.
     runtime = _runtime(args, recipe)
-    before = run / "probe-before.json" if run else None
-    before = json.loads(before.read_text(encoding="utf-8")) if before and before.is_file() else None
-    old = old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe))), before)
+    old = _old_identity(recipe, runtime, run)
     # the identity data's answers as training wrote them into the run: the datasets are not read again
     result = probe(url, recipe, old, run_references(run) if run else None)
     parity = _probe_parity(url, result["model"], run, recipe) if served else None
@@ -429,11 +425,7 @@ def cmd_probe(args) -> int:
     print(json.dumps(result["summary"], ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    recorded, entry = record_probe(result, url, recipe, runtime)
-    if parity is not None:
-        from lab import manifest
-
-        manifest.amend(recorded, "probes", entry["file"], template_parity=parity)
+    recorded, entry = _record(result, url, recipe, runtime)
     if entry.get("agreement_with_merged") is not None:
         print(f"probe: runtime LoRA vs the merged model: {entry['agreement_with_merged']:.0%} of answers identical")
     print(f"probe: recorded in {recorded / 'manifest.json'}")
@@ -443,6 +435,29 @@ def cmd_probe(args) -> int:
               f"RUN={run.name}`)", file=sys.stderr)
         return 1
     return 0
+
+
+def _old_identity(recipe, runtime, run: Path | None) -> list[str]:
+    """The old identities a probe's leakage counts: the recipe's, the base model's own persona (the
+    embedded model records one, a chat template may give one) and, for a run's server, every name
+    the base gave itself in the run's first probe."""
+    from lab.probe import old_identity_of
+
+    before = run / "probe-before.json" if run else None
+    before = json.loads(before.read_text(encoding="utf-8")) if before and before.is_file() else None
+    return old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe))), before)
+
+
+def _record(result: dict, url: str, recipe, runtime, run: Path | None = None) -> tuple[Path, dict]:
+    """record_probe, with the template parity checked beside the probe written into its entry."""
+    from lab.probe import record_probe
+
+    recorded, entry = record_probe(result, url, recipe, runtime, run)
+    if result.get("template_parity") is not None:
+        from lab import manifest
+
+        manifest.amend(recorded, "probes", entry["file"], template_parity=result["template_parity"])
+    return recorded, entry
 
 
 def _served_adapters(args) -> dict[str, str] | None:
@@ -458,7 +473,7 @@ def _served_adapters(args) -> dict[str, str] | None:
 def _probe_adapters(args, adapters: dict[str, str]) -> int:
     """A server of several adapters (ADAPTERS=): each adapter probed by its own run's recipe and
     recorded in that run, with template parity; then the bare base, recorded in a `probe` run."""
-    from lab.probe import old_identity_of, probe, record_probe, run_references
+    from lab.probe import probe, run_references
     from lab.runs import find_run
 
     drift = False
@@ -467,24 +482,18 @@ def _probe_adapters(args, adapters: dict[str, str]) -> int:
         recipe = _run_recipe(args, run, f"adapter {name} of the lab's server")
         runtime = _runtime(args, recipe)
         url = _url(args, recipe)
-        before = run / "probe-before.json"
-        before = json.loads(before.read_text(encoding="utf-8")) if before.is_file() else None
-        old = old_identity_of(recipe, str(runtime.host_path(runtime.base_model(recipe))), before)
+        old = _old_identity(recipe, runtime, run)
         result = probe(url, recipe, old, run_references(run), model=name)
         parity = _probe_parity(url, name, run, recipe)
         if parity is not None:
             result["template_parity"] = parity
             drift |= parity["match"] is False
-        recorded, entry = record_probe(result, url, recipe, runtime, run=run)
-        if parity is not None:
-            from lab import manifest
-
-            manifest.amend(recorded, "probes", entry["file"], template_parity=parity)
+        recorded, _ = _record(result, url, recipe, runtime, run)
         print(f"probe: {name} (as {recipe.identity.name}): {json.dumps(result['summary'], ensure_ascii=False)} "
               f"-> {recorded / 'manifest.json'}")
     base = f"{recipe.serve.served_model_name}-base"
     result = probe(url, recipe, old, None, model=base)
-    recorded, _ = record_probe(result, url, recipe, runtime)
+    recorded, _ = _record(result, url, recipe, runtime)
     print(f"probe: {base}: {json.dumps(result['summary'], ensure_ascii=False)} -> {recorded / 'manifest.json'}")
     return 1 if drift else 0
 

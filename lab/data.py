@@ -525,12 +525,13 @@ def tokenize_in_lab(tokenizer, examples: list[dict[str, Any]]) -> list[dict[str,
         turns = ex["prompt"] + ex["completion"]
         full = render_chat(tokenizer, turns, ex)
         names = [t["function"]["name"] for t in ex.get("tools") or ()]
-        if names and not all(n in render_chat(tokenizer, ex["prompt"], ex, True) for n in names):
-            raise LabError(f"this model's chat template does not render tools (it leaves out {names[0]!r}); "
-                           "tool-calling data needs a model whose template supports tools (Qwen3, Llama 3.1, ...)")
         spans = []
         for i in ex.get("trained_turns") or [len(ex["prompt"])]:
             before = render_chat(tokenizer, turns[:i], ex, True)
+            left_out = [n for n in names if n not in before]
+            if left_out:
+                raise LabError(f"this model's chat template does not render tools (it leaves out {left_out[0]!r}); "
+                               "tool-calling data needs a model whose template supports tools (Qwen3, Llama 3.1, ...)")
             upto = render_chat(tokenizer, turns[:i + 1], ex)
             if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
                 if "trained_turns" in ex:

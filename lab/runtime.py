@@ -269,7 +269,6 @@ class Docker:
             parallel_env,
             serve_config,
             served_record,
-            tool_args,
         )
         from lab.servers import claim, wait_healthy, write_record
 
@@ -287,9 +286,8 @@ class Docker:
                                                                parallel_env(recipe).items()},
                            # sharing the host's network, listen on loopback only, as the local runtime does
                            LAB_SERVE_BIND="127.0.0.1" if host_network else "0.0.0.0")
-        # tensor parallelism, runtime LoRA, a context the model has, tool parsing
-        svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model)),
-                          *tool_args(recipe)]
+        # tensor parallelism, runtime LoRA, tool parsing, a context the model has
+        svc["command"] = [*svc["command"], *engine_args(recipe, adapter), *context_args(recipe, self.host_path(model))]
         if config:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         # the key vLLM requires, as the local runtime passes it (the environment, never argv)

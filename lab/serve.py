@@ -115,7 +115,8 @@ def engine_args(recipe: Recipe, adapter: str | dict[str, str] | None = None) -> 
     return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
             # vLLM's `auto` falls back to *.bin (pickle); the lab serves safetensors unless told otherwise
             *([] if recipe.model.allow_pickle else ["--load-format", "safetensors"]),
-            *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else [])]
+            *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else []),
+            *tool_args(recipe)]
 
 
 def context_args(recipe: Recipe, model_dir: Path) -> list[str]:
@@ -144,7 +145,7 @@ def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None,
         # Same kwargs the training data were rendered with (docs/pitfalls.md: template drift);
         # requests may still override.
         "--default-chat-template-kwargs", json.dumps(recipe.chat_template_kwargs),
-        *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)), *tool_args(recipe),
+        *engine_args(recipe, adapter), *context_args(recipe, Path(model_dir)),
     ]
 
 
