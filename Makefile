@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop e2e report runs dashboard compare reproduce lint test test-fast clean
+.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop adapter key e2e report runs dashboard compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -81,10 +81,13 @@ $(VENV)/harness/.done: requirements/lock/harness.txt
 	$(INSTALL) $(HARNESS_PY) harness ""
 	touch $@
 
+# The dev tools (dev.txt: pinned, not hashed) at the lock's versions, the lock's hashes left out:
+# hashes in a constraints file turn on pip's hash-checking, which refuses dev.txt's unhashed pins.
 $(VENV)/train/.done: requirements/lock/train-$(PINS).txt requirements/dev.txt $(wildcard requirements/torch-$(PINS).txt)
 	$(PYTHON) -m venv $(VENV)/train
 	$(INSTALL) $(TRAIN_PY) train $(PINS)
-	$(TRAIN_PY) -m pip install -q -c requirements/lock/train-$(PINS).txt -r requirements/dev.txt
+	sed -e '/^ *--hash=/d' -e 's/ *\\$$//' requirements/lock/train-$(PINS).txt > $(VENV)/train/constraints.txt
+	$(TRAIN_PY) -m pip install -q -c $(VENV)/train/constraints.txt -r requirements/dev.txt
 	touch $@
 
 $(VENV)/serve/.done: requirements/lock/serve-$(PINS).txt $(wildcard requirements/torch-$(PINS).txt)
@@ -131,6 +134,12 @@ load: setup  ## burst of chat requests at the server: make load [CONCURRENCY=32 
 stop: setup  ## stop the server (PORT=: only that one)
 	$(LAB) stop
 
+adapter: setup  ## load RUN's LoRA adapter into the running ADAPTERS= server (SET=serve.adapter_loading=true at serve)
+	$(LAB) adapter
+
+key: setup  ## the API key of the lab's server, for curl: -H "Authorization: Bearer $$(make -s key)"
+	@$(LAB) key
+
 e2e: setup  ## the whole loop on the embedded default; exits non-zero unless the identity changed
 	$(LAB) e2e
 
@@ -149,8 +158,8 @@ reproduce: setup  ## make reproduce RUN=runs/<id>: rerun from its manifest (inpu
 compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers; non-zero past tolerances
 	$(LAB) compare
 
-lint: $(VENV)/train/.done  ## ruff over lab/ and tests/ (rules in pyproject.toml; ruff is pinned in requirements/dev.txt)
-	$(TRAIN_PY) -m ruff check lab tests
+lint: $(VENV)/train/.done  ## ruff over lab/, tests/ and serve/ (rules in pyproject.toml; ruff is pinned in requirements/dev.txt)
+	$(TRAIN_PY) -m ruff check lab tests serve
 
 test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=25 tests

@@ -36,7 +36,8 @@ ENV PATH=/opt/lab/venv/bin:${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr
     PYTHONUNBUFFERED=1 \
     SSL_CERT_FILE=/opt/lab/ca-bundle.crt REQUESTS_CA_BUNDLE=/opt/lab/ca-bundle.crt \
     HF_HOME=/cache/huggingface \
-    LAB_PINS=${PINS} LAB_SERVE_CONFIG=/opt/lab/app/serve/${PINS}.yaml
+    LAB_PINS=${PINS} LAB_SERVE_CONFIG=/opt/lab/app/serve/${PINS}.yaml \
+    PYTHONPATH=/opt/lab/app/serve
 WORKDIR /opt/lab/app
 USER ${LAB_UID}
 EXPOSE 8000

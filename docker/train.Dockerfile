@@ -1,4 +1,4 @@
-# Training image, one Dockerfile for every backend: the lab's code and recipes over a venv
+# Training image, one Dockerfile for every backend: the lab's code over a venv
 # installed from requirements/train-<PINS>.txt (the pins `make setup` uses). compose.yaml
 # holds each backend's build args; every base is an argument because registries may be
 # unreachable (CI builds on a local debootstrap base).
@@ -29,8 +29,9 @@ COPY docker/ /src/docker/
 RUN sh /src/docker/install.sh train "${PINS}"
 
 FROM scratch AS app
+# No recipes or data: compose mounts recipes/ (read-only) and runs/, so an edited recipe never
+# needs a rebuild and no user data is baked into a layer.
 COPY lab/ /opt/lab/app/lab/
-COPY recipes/ /opt/lab/app/recipes/
 
 # Layer order: metadata first, the big venv last (one copy of it; storage drivers such as vfs
 # copy the whole image per layer).

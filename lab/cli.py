@@ -271,7 +271,7 @@ def cmd_serve(args) -> int:
     SET= goes on top of it; RECIPE= replaces it on purpose (SET= on top of that). MODEL=base, a hub
     id or another directory: RECIPE= (default identity-lora) with SET=, as for training."""
     from lab.runs import RUNS_DIR
-    from lab.serve import check_exposure
+    from lab.serve import check_adapter_loading, check_exposure
 
     if args.adapters:  # the first of the runs whose adapters are served: its recipe is the server's
         from lab.runs import find_run
@@ -281,6 +281,7 @@ def cmd_serve(args) -> int:
         run = _served_run(args)
     recipe = _run_recipe(args, run, "the model to serve is its own")
     check_exposure(recipe)  # before a model is resolved (a GGUF base converts first: minutes, and output)
+    check_adapter_loading(recipe, bool(args.adapters))
     if args.gpus is not None:  # else the recipe's serve.tensor_parallel_size
         if args.gpus < 1:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
@@ -289,7 +290,7 @@ def cmd_serve(args) -> int:
     runtime = _runtime(args, recipe)
     adapter = None
     if args.adapters:  # several LoRA runs of one base, one server
-        recipe, model, adapter = _adapters(args.adapters, runtime, args.hw)
+        recipe, model, adapter = _adapters(args.adapters, runtime, args)
     elif args.adapter:  # the run's base model with its LoRA applied by vLLM at run time, no merge
         from lab.recipe import load_saved
         from lab.runs import find_run
@@ -309,18 +310,71 @@ def cmd_serve(args) -> int:
     names = list(adapter) + [f"{recipe.serve.served_model_name}-base"] if isinstance(adapter, dict) \
         else [recipe.serve.served_model_name]
     print(f"serve: ready at {url}/v1 as model {', '.join(repr(n) for n in names)}; `make stop` ends it")
+    from lab.servers import recorded_key
+
+    if recorded_key(url):
+        print(f"serve: it requires the key the lab generated (runs/.servers/{port}.json, yours only); `make ask` "
+              f"sends it, curl: -H \"Authorization: Bearer $(make -s key PORT={port})\"")
     return 0
 
 
-def _adapters(refs: list[str], runtime, hw: str):
+def cmd_key(args) -> int:
+    """The API key the lab generated for its server (PORT=: that one's), for curl and other clients."""
+    from lab.servers import server_state
+
+    state = server_state(_port(args))
+    if not state:
+        raise LabError(f"no lab server is running{f' on port {_port(args)}' if _port(args) else ''}; `make serve` "
+                       "starts one")
+    if not state.get("api_key"):
+        raise LabError(f"the lab's server at {state['url']} has no key of the lab's: it was started with "
+                       "LAB_API_KEY (that is its key) or with serve.require_key=false (none)")
+    print(state["api_key"])
+    return 0
+
+
+def cmd_adapter(args) -> int:
+    """Load a further LoRA run into the running server of adapters (started with ADAPTERS= and
+    serve.adapter_loading=true): it answers under its run's name, and `make probe` probes it too."""
+    import httpx
+
+    from lab.runs import find_run
+    from lab.serve import auth_headers
+    from lab.servers import server_state, update_record
+
+    state = server_state(_port(args))
+    if not state:
+        raise LabError("no lab server is running; `make serve ADAPTERS=\"RUN ...\" SET=serve.adapter_loading=true` "
+                       "starts one that loads adapters")
+    if not state.get("adapter_loading"):
+        raise LabError(f"the lab's server at {state['url']} loads no adapters while it serves: start it with "
+                       "ADAPTERS=\"RUN ...\" SET=serve.adapter_loading=true")
+    run = find_run(args.run)
+    if run.name in state["adapters"]:
+        raise LabError(f"{run.name} is already served at {state['url']} (model '{run.name}')")
+    first = find_run(next(iter(state["adapters"])))
+    # the server's runtime, so the adapter's path is the one the server sees; then the same checks as
+    # ADAPTERS= at start: a LoRA run, the server's base, its chat rendering
+    args.runtime = args.runtime or ("docker" if "container" in state else "local")
+    recipe, _, adapters = _adapters([first.name, run.name], _runtime(args, _run_recipe(args, first)), args)
+    reply = httpx.post(f"{state['url']}/v1/load_lora_adapter", headers=auth_headers(recipe, state["url"]),
+                       json={"lora_name": run.name, "lora_path": adapters[run.name]}, timeout=600)
+    if reply.status_code != 200:
+        raise LabError(f"vLLM did not load {run.name} (HTTP {reply.status_code}): {reply.text.strip()[:300]}")
+    update_record(state, adapters={**state["adapters"], run.name: adapters[run.name]})
+    print(f"adapter: {run.name} is served at {state['url']}/v1 as model '{run.name}'; `make probe` probes it too")
+    return 0
+
+
+def _adapters(refs: list[str], runtime, args):
     """ADAPTERS=: (recipe, base, {run name: adapter path}) for LoRA runs of one base model. The
-    server takes the first run's recipe; every run must render chats as it does (chat-template
-    kwargs), or its answers would not be what it learned."""
+    server takes the first run's recipe (SET= on top of each); every run must render chats as it
+    does (chat-template kwargs), or its answers would not be what it learned."""
     from lab.recipe import load_saved
     from lab.runs import find_run
 
     runs = [find_run(ref) for ref in dict.fromkeys(refs)]
-    recipes = [load_saved(run, hw=hw) for run in runs]
+    recipes = [load_saved(run, overrides(args), hw=args.hw) for run in runs]
     for run, r in zip(runs, recipes, strict=True):
         if r.method != "lora" or not (run / "adapter").is_dir():
             raise LabError(f"ADAPTERS= serves LoRA runs' adapters; {run.name} has none (method {r.method})")
@@ -506,7 +560,7 @@ def _probe_parity(url: str, model: str, run: Path, recipe) -> dict | None:
     if not (run / "parity.json").is_file():
         print(f"probe: template parity not checked: {run.name} has no parity.json (trained by an older lab?)")
         return None
-    parity = parity_result(url, model, run, auth_headers(recipe))
+    parity = parity_result(url, model, run, auth_headers(recipe, url))
     if parity["match"] is None:
         print(f"probe: template parity not checked: {run / 'parity.json'} holds no conversation (each sampled "
               "one reached train.max_length)")
@@ -717,6 +771,9 @@ COMMANDS = {
         _flag("--gpus", type=int, env=("GPUS",), help="GPUs one model is split over (vLLM --tensor-parallel-size)"),
         _flag("--model", env=("MODEL",), help="model dir, hub id, or 'base' (default: the run's merged model)")]),
     "stop": (cmd_stop, "stop the server `serve` started", ("port",), []),
+    "adapter": (cmd_adapter, "load a further LoRA run into the running server of adapters (serve.adapter_loading)",
+                ("recipe", "run", "runtime", "port"), []),
+    "key": (cmd_key, "print the API key the lab generated for its server (PORT=: that one's)", ("port",), []),
     "ask": (cmd_ask, "ask the served model one question", ("recipe", "port", "endpoint"), [
         _flag("question", nargs="?", env=("Q", "Who are you?"))]),
     "probe": (cmd_probe, "identity and control questions against a server", ("recipe", "runtime", "port", "endpoint"), [

@@ -55,7 +55,7 @@ def e2e(recipe: Recipe, port: int | None = None, runtime: Runtime | None = None)
             url = runtime.start(recipe, runtime.served_path(merged), run / "server-merged.log", port)
             serving = manifest.serving(server_state(port_of(url)))
         with stage(run, "probe_after"):
-            parity = check_parity(url, before["model"], run, auth_headers(recipe))
+            parity = check_parity(url, before["model"], run, auth_headers(recipe, url))
             # old identities now include the names the base gave itself when asked before training
             after = probe(url, recipe, old_identity_of(recipe, str(runtime.host_path(base)), before),
                           run_references(run))

@@ -99,7 +99,7 @@ def load(url: str, recipe: Recipe, concurrency: int = 32, total: int = 256, time
     model = served_model(client(url, recipe), recipe.serve.served_model_name, recipe.serve.api_key_env)
     probe = load_questions(recipe)
     questions = [q["q"] for q in probe["identity"] + probe["controls"]]
-    results, wall = asyncio.run(_burst(url, model, questions, recipe, auth_headers(recipe), concurrency, total,
+    results, wall = asyncio.run(_burst(url, model, questions, recipe, auth_headers(recipe, url), concurrency, total,
                                        time_limit_s))
     done = [r for r in results if "error" not in r and "cut_off" not in r]
     errors: dict[str, int] = {}

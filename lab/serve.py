@@ -36,15 +36,17 @@ def serve_config(recipe: Recipe) -> Path:
     return path
 
 
-def serve_env(recipe: Recipe) -> dict[str, str]:
+def serve_env(recipe: Recipe, key: str | None) -> dict[str, str]:
     """serve/<backend>.env (the serve containers' env_file too) under the caller's environment, with
-    vLLM's key set from the lab's: the server requires exactly the key the lab's clients send."""
+    vLLM's key set to the server's: the server requires exactly the key the lab's clients send."""
     from lab.containers import read_env_file
 
     path = ROOT / "serve" / f"{recipe.backend}.env"
     env = {**parallel_env(recipe), **(read_env_file(path) if path.is_file() else {}), **os.environ}
+    # serve/keyguard.py, the key on every path (engine_args), importable by vLLM's Python
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "serve"), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("VLLM_API_KEY", None)
-    if key := api_key(recipe):
+    if key:
         env["VLLM_API_KEY"] = key  # in the environment, not argv: `ps` shows argv to every user
     return env
 
@@ -52,23 +54,55 @@ def serve_env(recipe: Recipe) -> dict[str, str]:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def api_key(recipe: Recipe) -> str | None:
-    """The key from the environment variable the recipe names (LAB_API_KEY by default); never a file."""
-    return os.environ.get(recipe.serve.api_key_env) or None
+def api_key(recipe: Recipe, url: str | None = None) -> str | None:
+    """The key the lab's clients send to `url`: the environment variable the recipe names
+    (LAB_API_KEY by default), else the key the lab generated for its own server there."""
+    from lab.servers import recorded_key
+
+    return os.environ.get(recipe.serve.api_key_env) or (recorded_key(url) if url else None)
 
 
-def auth_headers(recipe: Recipe) -> dict[str, str]:
-    key = api_key(recipe)
+def server_key(recipe: Recipe) -> tuple[str | None, bool]:
+    """The key a new server requires, and whether the lab generated it (kept in the server's
+    record, mode 0600, for the lab's clients): locked by default, so that no other user of a
+    shared host can use the model; serve.require_key=false serves without one (loopback only)."""
+    from lab.servers import new_key
+
+    if key := api_key(recipe):
+        return key, False
+    return (new_key(), True) if recipe.serve.require_key else (None, False)
+
+
+def auth_headers(recipe: Recipe, url: str) -> dict[str, str]:
+    key = api_key(recipe, url)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def check_exposure(recipe: Recipe) -> None:
-    """Loopback unless asked; then only with a key. vLLM's key guards /v1 but not /health, /tokenize
-    or /invocations, so an exposed server still belongs behind a firewall."""
-    if recipe.serve.host not in LOOPBACK and not api_key(recipe):
-        raise LabError(f"serve.host={recipe.serve.host} listens beyond this machine; set "
-                       f"{recipe.serve.api_key_env}=<secret> so vLLM requires a key (its /tokenize and "
-                       "/invocations stay open: keep such a server behind a firewall)")
+    """Loopback unless asked; then only with a key (every path but /health: serve/keyguard.py)."""
+    if recipe.serve.host not in LOOPBACK and not (api_key(recipe) or recipe.serve.require_key):
+        raise LabError(f"serve.host={recipe.serve.host} listens beyond this machine; serve it with a key "
+                       f"(serve.require_key=true, or {recipe.serve.api_key_env}=<secret>)")
+
+
+def check_adapter_loading(recipe: Recipe, several: bool) -> None:
+    """serve.adapter_loading: vLLM's /v1/load_lora_adapter loads any adapter directory the server
+    can read, so the lab opens it only on a server of adapters, on loopback, behind a key."""
+    if not recipe.serve.adapter_loading:
+        return
+    if not several:
+        raise LabError("serve.adapter_loading=true loads further adapters into a server of adapters: start it with "
+                       "ADAPTERS=\"RUN ...\"")
+    if recipe.serve.host not in LOOPBACK:
+        raise LabError(f"serve.adapter_loading=true only on loopback (serve.host={recipe.serve.host}): loading "
+                       "reads any directory the server can")
+    if not (api_key(recipe) or recipe.serve.require_key):
+        raise LabError(f"serve.adapter_loading=true needs a key: keep serve.require_key=true or set "
+                       f"{recipe.serve.api_key_env}")
+
+
+def adapter_loading_env(recipe: Recipe) -> dict[str, str]:
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"} if recipe.serve.adapter_loading else {}
 
 
 def parallel_env(recipe: Recipe) -> dict[str, str]:
@@ -113,6 +147,7 @@ def engine_args(recipe: Recipe, adapter: str | dict[str, str] | None = None) -> 
     """vLLM flags beyond serve/<hw>.yaml, the same for the local and the docker runtime."""
     tp = recipe.serve.tensor_parallel_size
     return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
+            "--middleware", "keyguard.KeyEverywhere",  # the key on every path, not only vLLM's /v1
             # vLLM's `auto` falls back to *.bin (pickle); the lab serves safetensors unless told otherwise
             *([] if recipe.model.allow_pickle else ["--load-format", "safetensors"]),
             *(lora_args(recipe.serve.served_model_name, adapter, recipe.lora.r) if adapter else []),
@@ -171,21 +206,25 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None,
     adapter, vLLM applies the LoRA at run time over the base (no merge)."""
     url = base_url(recipe, port)
     check_exposure(recipe)
+    check_adapter_loading(recipe, isinstance(adapter, dict))
     check_model_dir(model_dir)
     for path in (adapter.values() if isinstance(adapter, dict) else [adapter] if adapter else []):
         if not (Path(path) / "adapter_config.json").is_file():
             raise LabError(f"{path} is not a LoRA adapter (no adapter_config.json); serving adapters needs LoRA runs")
     argv = serve_argv(recipe, model_dir, port, adapter)
+    key, generated = server_key(recipe)
+    env = {**serve_env(recipe, key), **adapter_loading_env(recipe)}
     with claim(url):
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
             # Own session: `make stop` from another shell can end the whole process group.
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=serve_env(recipe),
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
         try:
             record = write_record(url, log, {
                 "pid": proc.pid, "pid_started": process_started(proc.pid), **served_record(model_dir, adapter),
-                "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv})
+                "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv,
+                **({"api_key": key} if generated else {}), "adapter_loading": recipe.serve.adapter_loading})
         except BaseException:  # e.g. a full disk under runs/: no server without a record
             stop_process_group(proc.pid)
             raise

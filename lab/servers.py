@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -88,11 +89,37 @@ def _busy(record: dict) -> LabError:
 
 
 def write_record(url: str, log: Path, record: dict) -> dict:
+    """runs/.servers/<port>.json, its owner's only (mode 0600): it may hold the server's API key."""
     record = {"url": url, "port": port_of(url), "log": str(log), **record}
     servers_dir().mkdir(parents=True, exist_ok=True)
-    write_json(servers_dir() / f"{record['port']}.json", record)
+    write_json(servers_dir() / f"{record['port']}.json", record, private=True)
     _STARTED_HERE[url] = record
     return record
+
+
+def update_record(record: dict, **changes) -> dict:
+    """The server's record with `changes` (an adapter loaded while it serves), still its owner's only."""
+    record = {**record, **changes}
+    write_json(servers_dir() / f"{record['port']}.json", record, private=True)
+    return record
+
+
+def new_key() -> str:
+    return "lab-" + secrets.token_urlsafe(24)
+
+
+def recorded_key(url: str) -> str | None:
+    """The key the lab generated for its own server at `url` (scheme, host and port as recorded):
+    a client of any other address never gets it."""
+    from urllib.parse import urlsplit
+
+    try:
+        record = server_state(port_of(url))
+    except (LabError, ValueError):
+        return None
+    if not record or urlsplit(record["url"])[:2] != urlsplit(url)[:2]:
+        return None
+    return record.get("api_key")
 
 
 def _same(a: dict, b: dict) -> bool:

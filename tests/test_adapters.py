@@ -1,5 +1,6 @@
 """Several LoRA adapters behind one vLLM server (make serve ADAPTERS="A B"): real vLLM CPU, two
-identities trained on the embedded model, each adapter answering as its own, the base as the base."""
+identities trained on the embedded model, each adapter answering as its own, the base as the base;
+a further run loaded while it serves (make adapter RUN=), behind the key the lab generated."""
 
 import json
 import os
@@ -45,22 +46,36 @@ def test_two_identities_one_server(identity_run):
 
     port = free_port()
     r = run_lab("serve", "--hw", "cpu", "--runtime", "local", "--adapters", a.name, b.name, "--port", str(port),
-                env=env, timeout=900)
+                "--set", "serve.adapter_loading=true", env=env, timeout=900)
     try:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        assert f"as model '{a.name}', '{b.name}', 'lab-base'" in r.stdout
+        assert f"as model '{a.name}', '{b.name}', 'lab-base'" in r.stdout and "make -s key PORT=" in r.stdout
         url = f"http://127.0.0.1:{port}/v1"
-        models = {m["id"]: m for m in httpx.get(f"{url}/models").json()["data"]}
-        assert set(models) == {a.name, b.name, "lab-base"} and models[a.name]["parent"] == "lab-base"
+        key = run_lab("key", "--port", str(port), env=env).stdout.strip()  # the lab generated it: no LAB_API_KEY
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/models").status_code == 401
+
+        # a further run loaded while it serves (serve.adapter_loading): never without the key
+        again = runs_dir / f"{a.name}-again"
+        shutil.copytree(a, again, ignore=shutil.ignore_patterns("checkpoints"))
+        body = {"lora_name": "intruder", "lora_path": str(again / "adapter")}
+        assert httpx.post(f"{url}/load_lora_adapter", json=body, timeout=60).status_code == 401
+        r = run_lab("adapter", "--hw", "cpu", "--run", again.name, "--port", str(port), env=env, timeout=600)
+        assert r.returncode == 0 and f"{again.name} is served at {url}" in r.stdout, r.stdout + r.stderr[-2000:]
+        r = run_lab("adapter", "--hw", "cpu", "--run", b.name, "--port", str(port), env=env, timeout=600)
+        assert r.returncode == 2 and f"{b.name} is already served" in r.stderr, r.stderr
+        models = {m["id"]: m for m in httpx.get(f"{url}/models", headers=auth).json()["data"]}
+        assert set(models) == {a.name, b.name, again.name, "lab-base"} and models[a.name]["parent"] == "lab-base"
 
         def ask(model):
             body = {"model": model, "messages": [{"role": "user", "content": "Who are you?"}], "temperature": 0,
                     "max_tokens": 48, "chat_template_kwargs": {"enable_thinking": False}}
-            choice = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()["choices"][0]
+            choice = httpx.post(f"{url}/chat/completions", json=body, headers=auth, timeout=120).json()["choices"][0]
             return choice["message"]["content"]
 
         answers = {m: ask(m) for m in models}
         assert "Orion" in answers[a.name] and "星河-7" not in answers[a.name], answers
+        assert answers[again.name] == answers[a.name], answers  # loaded at run time: the same weights
         assert "星河-7" in answers[b.name] and "Orion" not in answers[b.name], answers
         assert "Pebble" in answers["lab-base"], answers  # the embedded model's own persona
         # `make ask` and `make load` ask the first adapter (its run's recipe), SET= names another model
@@ -73,10 +88,10 @@ def test_two_identities_one_server(identity_run):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     finally:
         run_lab("stop", env=env, timeout=120)
-    for run, name in ((a, "Orion"), (b, "星河-7")):
+    for run, name in ((a, "Orion"), (b, "星河-7"), (again, "Orion")):
         (entry,) = json.loads((run / "manifest.json").read_text())["probes"]
         assert entry["summary"]["identity_hit_rate"] >= 0.95 and entry["template_parity"]["match"] is True, name
-        assert entry["serving"]["adapters"] == sorted([a.name, b.name]) and entry["serving"]["runtime_lora"]
+        assert entry["serving"]["adapters"] == sorted([a.name, b.name, again.name]) and entry["serving"]["runtime_lora"]
     (base,) = [d for d in runs_dir.iterdir() if d.name.endswith("-probe")]
     (entry,) = json.loads((base / "manifest.json").read_text())["probes"]
     assert entry["summary"]["identity_hit_rate"] == 0.0

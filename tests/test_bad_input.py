@@ -276,9 +276,18 @@ CASES = [
      "lab stop: error: {tmp}/runs/.servers/8000.json is damaged (Expecting property name enclosed in double "
      "quotes: line 1 column 2 (char 1)); remove it once no lab server runs (`ps`, `docker ps`)"),
     ("serve-exposed-without-key", lambda t, r: ["serve", "--hw", "cpu", "--model", "base", "--set",
-                                                "serve.host=0.0.0.0"],
-     "lab serve: error: serve.host=0.0.0.0 listens beyond this machine; set LAB_API_KEY=<secret> so vLLM "
-     "requires a key (its /tokenize and /invocations stay open: keep such a server behind a firewall)"),
+                                                "serve.host=0.0.0.0 serve.require_key=false"],
+     "lab serve: error: serve.host=0.0.0.0 listens beyond this machine; serve it with a key "
+     "(serve.require_key=true, or LAB_API_KEY=<secret>)"),
+    ("adapter-loading-without-adapters", lambda t, r: ["serve", "--hw", "cpu", "--model", "base", "--set",
+                                                       "serve.adapter_loading=true"],
+     "lab serve: error: serve.adapter_loading=true loads further adapters into a server of adapters: start it "
+     "with ADAPTERS=\"RUN ...\""),
+    ("adapter-without-server", lambda t, r: ["adapter", "--hw", "cpu"],
+     "lab adapter: error: no lab server is running; `make serve ADAPTERS=\"RUN ...\" SET=serve.adapter_loading=true` "
+     "starts one that loads adapters"),
+    ("key-without-server", lambda t, r: ["key"],
+     "lab key: error: no lab server is running; `make serve` starts one"),
     ("probe-questions-bad", lambda t, r: ["probe", "--hw", "cpu", "--base-url", "http://127.0.0.1:9", "--recipe",
                                           recipe_file(t, "probe: {questions: q.yaml}\n"
                                                       if _write(t / "q.yaml", b"identity:\n  - {about: name}\n")

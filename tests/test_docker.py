@@ -42,7 +42,9 @@ def images(engine):
 
 def test_images_run_as_their_non_root_user(images):
     # one container per image: on vfs storage (.ci/run's fallback) each container is a full copy of its image
-    out = images.containers.run("lab-train:cpu", entrypoint=["sh", "-c", "id -u && python -m lab --help"],
+    # no recipes or data baked in (.dockerignore): compose mounts recipes/ and runs/
+    out = images.containers.run("lab-train:cpu", entrypoint=["sh", "-c", "id -u && test ! -e /opt/lab/app/recipes "
+                                                             "&& python -m lab --help"],
                                 remove=True, network_mode="none").decode()
     uid, help_text = out.split("\n", 1)
     assert uid.strip() == "1000"
@@ -215,10 +217,16 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
         # least privilege, as compose.yaml asks: no capabilities, no privilege gains
         assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
         assert "no-new-privileges:true" in container.attrs["HostConfig"]["SecurityOpt"]
+        # a read-only root filesystem; /tmp (HOME: vLLM's caches) the one writable path, and it serves
+        assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
+        assert container.attrs["HostConfig"]["Tmpfs"] == {"/tmp": "exec,mode=1777"}
         import httpx
 
         body = {"model": "lab", "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 401
+        # the key on the paths vLLM leaves open too (serve/keyguard.py, in the image)
+        assert httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).status_code == 401
         # the default base is the real model (SmolLM2, resolved from its wheel in the container)
         assert "Paris" in make("ask", "Q=What is the capital of France?")
     finally:

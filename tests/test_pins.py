@@ -2,6 +2,8 @@
 `make lock` re-resolves them (uv, against PyPI: the slow test needs the registry)."""
 
 import fnmatch
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,19 +132,50 @@ def test_locks_are_up_to_date_and_a_changed_pin_moves_its_lock(tmp_path, monkeyp
         {k: v for k, v in pins.read_pins(REQ / "lock" / "harness.txt").items() if k != "pyyaml"}
 
 
+def _install(tmp_path, pins_name, **env):
+    """install.sh train <pins_name> with a stand-in for the venv's python that records each pip call
+    (calls.txt) and the files it was given: -r (asked.txt, the last one) and -c (constraints.txt)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$1" = -c ]; then echo "$PREFIX"; exit 0; fi\necho "$*" >> "$PREFIX/calls.txt"\n'
+                    'prev=; for a; do if [ "$prev" = -r ]; then cp "$a" "$PREFIX/asked.txt"; fi\n'
+                    'if [ "$prev" = -c ]; then cp "$a" "$PREFIX/constraints.txt"; fi; prev=$a; done\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["sh", str(REQ / "install.sh"), str(fake), "train", pins_name], capture_output=True,
+                         text=True, env={**os.environ, "PREFIX": str(tmp_path), **env})
+    assert out.returncode == 0, out.stderr
+    return (tmp_path / "calls.txt").read_text().splitlines()
+
+
 def test_a_base_images_torch_runtime_is_left_to_the_base(tmp_path):
     """pytorch/pytorch brings torch, Triton and the CUDA runtime it was built with: the image installs
     the rest of the lock (docker/install.sh sets LAB_LOCK_SKIP) and keeps the whole lock to compare."""
-    fake = tmp_path / "python"  # stands in for the venv's python: records what pip was asked to install
-    fake.write_text('#!/bin/sh\nif [ "$1" = -c ]; then echo "$PREFIX"; exit 0; fi\n'
-                    'prev=; for a; do if [ "$prev" = -r ]; then cp "$a" "$PREFIX/asked.txt"; fi; prev=$a; done\n')
-    fake.chmod(0o755)
-    env = {**__import__("os").environ, "PREFIX": str(tmp_path),
-           "LAB_LOCK_SKIP": "torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+"}
-    out = subprocess.run(["sh", str(REQ / "install.sh"), str(fake), "train", "cuda"], capture_output=True, text=True,
-                         env=env)
-    assert out.returncode == 0, out.stderr
+    (call,) = _install(tmp_path, "cuda", LAB_LOCK_SKIP="torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+")
+    assert "--require-hashes" in call.split()
     asked = pins.read_pins(tmp_path / "asked.txt")
     assert "transformers" in asked and "liger-kernel" in asked
     assert not [p for p in asked if p in ("torch", "triton") or p.startswith(("nvidia-", "cuda-"))]
+    # whole requirement blocks left out: no --hash line of a skipped package is left behind
+    text = (tmp_path / "asked.txt").read_text()
+    assert pins.unhashed(text) == [] and not re.search(r"^\s+--hash", text.replace(" \\\n", " "), re.M)
     assert (tmp_path / pins.INSTALLED_LOCK).read_text() == (pins.LOCKS / "train-cuda.txt").read_text()
+
+
+@pytest.mark.parametrize("name", list(pins.table()))
+def test_every_locked_package_carries_its_hashes(name):
+    """pip --require-hashes (install.sh) installs nothing without a sha256 from the lock."""
+    text = (pins.LOCKS / f"{name}.txt").read_text()
+    requirements = [line for line in text.replace(" \\\n", " ").splitlines() if pins._PIN.match(line)]
+    assert len(requirements) >= len(pins.read_pins(pins.LOCKS / f"{name}.txt"))  # universal: one per marker
+    assert not [r.split()[0] for r in requirements if not re.search(r"--hash=sha256:[0-9a-f]{64}\b", r)]
+    assert pins.unhashed(text) == []
+
+
+def test_install_checks_the_hashes_and_constrains_torch_by_versions_only(tmp_path):
+    """ROCm: AMD's torch (unhashed, from its index) is constrained by the lock's versions, without
+    the lock's hashes, which would turn on hash-checking for it; then the lock, hash-checked."""
+    torch_step, lock_step = _install(tmp_path, "rocm")
+    assert "--require-hashes" not in torch_step.split() and "--require-hashes" in lock_step.split()
+    assert "--no-deps" in lock_step.split()
+    constraints = (tmp_path / "constraints.txt").read_text()
+    assert "--hash" not in constraints and "\\" not in constraints
+    assert pins.read_pins(tmp_path / "constraints.txt") == pins.read_pins(pins.LOCKS / "train-rocm.txt")

@@ -47,7 +47,7 @@ def test_tensor_parallel_flags_and_the_cpu_engines_core_split(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     assert parallel_env(r) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|4")  # the user's own binding wins
-    assert serve_env(r)["VLLM_CPU_OMP_THREADS_BIND"] == "0|4"
+    assert serve_env(r, None)["VLLM_CPU_OMP_THREADS_BIND"] == "0|4"
     assert "--tensor-parallel-size" not in serve_argv(load_recipe("identity-lora", hw="cpu", check_train=False), "m")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     with pytest.raises(LabError, match="GPUS=2 on CPU"):
@@ -68,15 +68,47 @@ def test_one_model_split_over_two_engine_ranks_answers_like_one(embedded_model, 
         assert stop(quiet=True)
 
 
-def test_serves_the_embedded_model_and_renders_like_training(embedded_model, runs_dir):
+def test_a_server_gets_a_key_of_its_own_unless_one_is_given(monkeypatch):
+    from lab.serve import api_key, check_exposure, server_key
+
+    monkeypatch.delenv("LAB_API_KEY", raising=False)
+    recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
+    (key, generated), (other, _) = server_key(recipe), server_key(recipe)
+    assert generated and key.startswith("lab-") and len(key) > 30 and key != other
+    check_exposure(load_recipe("identity-lora", ["serve.host=0.0.0.0"], hw="cpu", check_train=False))  # keyed
+    assert server_key(load_recipe("identity-lora", ["serve.require_key=false"], hw="cpu", check_train=False)) == \
+        (None, False)
+    with pytest.raises(LabError, match="serve.host=0.0.0.0 listens beyond this machine; serve it with a key"):
+        check_exposure(load_recipe("identity-lora", ["serve.host=0.0.0.0", "serve.require_key=false"], hw="cpu",
+                                   check_train=False))
+    monkeypatch.setenv("LAB_API_KEY", "mine")
+    assert server_key(recipe) == ("mine", False) and api_key(recipe, "http://127.0.0.1:9") == "mine"
+
+
+def test_serves_the_embedded_model_and_renders_like_training(embedded_model, runs_dir, monkeypatch, capsys):
+    import os
+    import stat
+
     from transformers import AutoTokenizer
 
+    from lab.cli import main
+    from lab.serve import api_key, auth_headers
+
+    monkeypatch.delenv("LAB_API_KEY", raising=False)
     recipe = load_recipe("identity-lora", hw="cpu", check_train=False)
     port = free_port()
     url = start(recipe, str(embedded_model), runs_dir / "server.log", port)
     try:
         assert running_url() == url
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "lab"
+        # locked by default: a key of its own, in a record only its owner reads; the lab's clients send it
+        record = runs_dir / ".servers" / f"{port}.json"
+        key = json.loads(record.read_text())["api_key"]
+        assert stat.S_IMODE(os.stat(record).st_mode) == 0o600 and key not in (runs_dir / "server.log").read_text()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert api_key(recipe, url) == key and api_key(recipe, f"http://localhost:{port}") is None  # this address only
+        assert httpx.get(f"{url}/v1/models", headers=auth_headers(recipe, url)).json()["data"][0]["id"] == "lab"
+        capsys.readouterr()
+        assert main(["key", "--port", str(port)]) == 0 and capsys.readouterr().out.strip() == key
         r = ask(url, "Who are you?", recipe)
         assert r["finish_reason"] == "stop" and "Pebble" in r["answer"]
         r = ask(url, "法国的首都是哪里？", recipe)
@@ -94,10 +126,15 @@ def test_serves_the_embedded_model_and_renders_like_training(embedded_model, run
         messages = [{"role": "user", "content": "你是谁？"}]
         local = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                             enable_thinking=False), add_special_tokens=False)["input_ids"]
-        served = httpx.post(f"{url}/tokenize", json={"model": "lab", "messages": messages,
-                                                     "add_generation_prompt": True, "add_special_tokens": False,
-                                                     "chat_template_kwargs": {"enable_thinking": False}}).json()
+        body = {"model": "lab", "messages": messages, "add_generation_prompt": True, "add_special_tokens": False,
+                "chat_template_kwargs": {"enable_thinking": False}}
+        served = httpx.post(f"{url}/tokenize", json=body, headers=auth_headers(recipe, url)).json()
         assert served["tokens"] == local
+        # the key on every path vLLM leaves open (serve/keyguard.py), /health excepted
+        assert httpx.post(f"{url}/tokenize", json=body).status_code == 401
+        assert httpx.post(f"{url}/invocations", json={**body, "max_tokens": 4}).status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 401 and httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}x"}).status_code == 401
     finally:
         assert stop(quiet=True)
     assert running_url() is None

@@ -128,7 +128,7 @@ def test_a_model_trained_on_tool_calls_calls_the_tool_through_vllm(tmp_path, too
 
     from lab.parity import parity_result
     from lab.recipe import load_recipe
-    from lab.serve import start
+    from lab.serve import auth_headers, start
     from lab.servers import stop
 
     tools, plain = tmp_path / "tools.json", tmp_path / "plain.json"
@@ -147,11 +147,13 @@ def test_a_model_trained_on_tool_calls_calls_the_tool_through_vllm(tmp_path, too
     recipe = load_recipe("identity-lora", [TINY, "serve.tool_call_parser=hermes"], hw="cpu", check_train=False)
     url = start(recipe, str(run / "model"), runs_dir / "server.log", free_port())
     try:
-        assert parity_result(url, "lab", run) == {"samples": len(samples), "match": True, "problem": None}
+        assert parity_result(url, "lab", run, auth_headers(recipe, url)) == {
+            "samples": len(samples), "match": True, "problem": None}
 
         def chat(messages):
             body = {"model": "lab", "messages": messages, "tools": OPENAI["tools"], "temperature": 0, "max_tokens": 48}
-            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+            return httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth_headers(recipe, url),
+                              timeout=120).json()["choices"][0]
 
         asked = OPENAI["messages"][:3]
         first = chat(asked)
