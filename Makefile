@@ -65,7 +65,7 @@ endif
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
 ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER ADAPTERS SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
-             CONCURRENCY REQUESTS TIME_LIMIT
+             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets

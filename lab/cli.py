@@ -147,14 +147,17 @@ def cmd_fixture(args) -> int:
 
 def cmd_train(args) -> int:
     from lab import manifest
-    from lab.device.launch import config_file, is_main_process
+    from lab.device.launch import config_file, is_main_process, topology
     from lab.recipe import load_saved
     from lab.runs import find_run, new_run, run_dir, stage
 
     if args.gpus < 1:
         raise LabError(f"GPUS={args.gpus}: give a number of processes, 1 or more")
-    if args.gpus > 1:
-        config_file(args.dist)  # before a run directory exists
+    # before a run directory exists: the accelerate config, and the machines it (or NODES=) names
+    topo = topology(args.nodes, args.node_rank, args.main,
+                    config_file(args.dist) if args.gpus > 1 or args.nodes or args.dist != "ddp" else None)
+    if topo.node_rank > 0 and is_main_process():  # another node's launcher: node 0 writes the run
+        return _train_on_node(args, topo)
     created = False
     if args.resume:
         run = find_run(args.run)
@@ -172,7 +175,7 @@ def cmd_train(args) -> int:
             runtime.train(recipe, run, resume=args.resume)
             return 0
         with stage(run, "train"):
-            runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist)
+            runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist, topo=topo)
     except BaseException as e:
         # A new run that failed before its first checkpoint holds nothing to resume: it goes, so
         # it never looks like a result (and `latest` goes back), its logs kept in runs/.failed/<run-id>/
@@ -191,6 +194,31 @@ def cmd_train(args) -> int:
         raise
     manifest.update(run)  # picks up the stage's time
     print(f"lab: run directory {run}")
+    return 0
+
+
+def _train_on_node(args, topo) -> int:
+    """NODE_RANK > 0: this machine's processes of a training whose run node 0 writes (its rank 0
+    saves every checkpoint). They get a scratch directory, removed after; RESUME=1 reads the run's
+    checkpoints, so it needs RUN= on storage every node shares."""
+    import shutil
+    import tempfile
+
+    from lab.recipe import load_saved
+    from lab.runs import find_run
+
+    if args.resume:
+        run = find_run(args.run)
+        recipe = load_saved(run)
+        args.recipe, args.set = str(run / "recipe.yaml"), ""
+    else:
+        recipe, run = _recipe(args, check_train=True), Path(tempfile.mkdtemp(prefix="lab-node-"))
+    try:
+        _runtime(args, recipe).train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist, topo=topo)
+    finally:
+        if not args.resume:
+            shutil.rmtree(run, ignore_errors=True)
+    print(f"lab: node {topo.node_rank} of {topo.nodes} done; node 0 wrote the run")
     return 0
 
 
@@ -760,7 +788,11 @@ COMMANDS = {
               help="processes, one per device, through accelerate launch (CPU: gloo)"),
         _flag("--dist", env=("DIST", "ddp"),
               help="ddp|fsdp2|zero3 (recipes/accelerate/) or an accelerate config file"),
-        _flag("--resume", action="store_true", env_flag="RESUME", help="continue the run from its last checkpoint")]),
+        _flag("--resume", action="store_true", env_flag="RESUME", help="continue the run from its last checkpoint"),
+        _flag("--nodes", type=int, env=("NODES",), help="machines in all, each running this command with GPUS= "
+              "processes (default: 1, or the accelerate config's num_machines)"),
+        _flag("--node-rank", type=int, env=("NODE_RANK",), help="this machine's rank, 0 to NODES-1 (0 writes the run)"),
+        _flag("--main", env=("MAIN",), help="host:port of node 0 for the rendezvous, the same on every node")]),
     "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)", ("run", "runtime"), []),
     "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health",
               ("recipe", "run", "runtime", "port"), [

@@ -44,8 +44,9 @@ class Runtime(Protocol):
     def base_model(self, recipe: Recipe, model: str | None = None) -> str:
         """The base model's directory, as the stages that read it see it."""
 
-    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
-        """`lab train` into `run`."""
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
+              topo=None) -> None:
+        """`lab train` into `run` (gpus processes here; topo: of several machines)."""
 
     def merge(self, run: Path) -> Path:
         """`lab merge` of `run`: its merged/ directory on this host."""
@@ -74,13 +75,14 @@ class Local:
         allow = recipe.model.allow_pickle
         return resolve(model, None, allow) if model else resolve(recipe.model.path, recipe.model.revision, allow)
 
-    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
-        if gpus > 1:  # the same `lab train`, once per device, under accelerate launch
-            from lab.device.launch import launch
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
+              topo=None) -> None:
+        if gpus > 1 or (topo and topo.nodes > 1):  # the same `lab train`, once per device, under accelerate launch
+            from lab.device.launch import Topology, launch
 
             self.base_model(recipe)  # build or download it once, not in every process
             launch([*self.recipe_argv, "--run", str(run), "--runtime", "local", *(["--resume"] if resume else [])],
-                   gpus, dist, run / "train.log")
+                   gpus, dist, run / "train.log", topo or Topology())
             return
         from lab.device.launch import is_main_process
         from lab.train import last_complete_checkpoint, train
@@ -233,11 +235,15 @@ class Docker:
         finally:
             out.unlink(missing_ok=True)
 
-    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp") -> None:
+    def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
+              topo=None) -> None:
         self.mount_inputs(recipe)
         self._writable(run)
+        nodes = ["--nodes", str(topo.nodes), "--node-rank", str(topo.node_rank), "--main", topo.address] \
+            if topo and topo.nodes > 1 else []  # the container must reach node 0 (LAB_DOCKER_NETWORK=host)
         self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
-                 *(["--resume"] if resume else []), *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 else []),
+                 *(["--resume"] if resume else []),
+                 *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 or nodes else []), *nodes,
                  log=run / "train.log", run=run)
 
     def merge(self, run: Path) -> Path:

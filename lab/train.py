@@ -394,7 +394,8 @@ def train(recipe: Recipe, run: Path, resume: bool = False) -> Path:
                "full_determinism": args.full_determinism, "torch_threads": torch.get_num_threads()},
         # what accelerate actually ran (on CPU an FSDP or ZeRO config still runs as multi-CPU DDP)
         distributed={"processes": trainer.args.world_size, "accelerate_config": os.environ.get("LAB_DIST"),
-                     "type": str(trainer.accelerator.distributed_type).split(".")[-1]},
+                     "type": str(trainer.accelerator.distributed_type).split(".")[-1],
+                     **json.loads(os.environ.get("LAB_TOPOLOGY") or '{"nodes": 1}')},
         # what the lab chose for speed and why, its memory estimate, and what training really used
         speed={**(plan.record() if plan else {"enabled": False}), "attn_implementation": attn,
                "measured_peak_gib": peak_gib},

@@ -251,6 +251,17 @@ CASES = [
      "lab train: error: GPUS=0: give a number of processes, 1 or more"),
     ("gpus-not-a-number", lambda t, r: ["train", "--gpus", "two"],
      "lab train: error: argument --gpus: invalid int value: 'two' (see `lab train --help`)"),
+    ("nodes-without-main", lambda t, r: ["train", "--hw", "cpu", "--nodes", "2"],
+     "lab train: error: NODES=2: MAIN='' must be node 0's address and a free port, as host:port (the same on every "
+     "node)"),
+    ("node-rank-out-of-range", lambda t, r: ["train", "--hw", "cpu", "--nodes", "2", "--node-rank", "2", "--main",
+                                             "10.0.0.1:29500"],
+     "lab train: error: NODES=2 NODE_RANK=2: give the number of machines and this one's rank, 0 to 1 (0 on the "
+     "machine MAIN names)"),
+    ("multi-node-config-without-address", lambda t, r: ["train", "--hw", "cpu", "--dist", str(
+        _write(t / "two.yaml", b"distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 1\n"))],
+     "lab train: error: {tmp}/two.yaml: num_machines 2 needs main_process_ip and main_process_port (node 0's address "
+     "and a free port)"),
     ("dist-unknown", lambda t, r: ["train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9"],
      f"lab train: error: DIST='zero9': no accelerate config {RECIPES_DIR}/accelerate/zero9.yaml; shipped: "
      "ddp, fsdp2, zero3, or a path to your own"),

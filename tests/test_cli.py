@@ -1,5 +1,7 @@
 """The `lab` command as users run it: bad input is one line on stderr and a non-zero exit."""
 
+import json
+
 import pytest
 from conftest import TINY, run_lab
 
@@ -193,6 +195,28 @@ def test_distributed_ranks_never_inherit_make_arguments(monkeypatch, tmp_path):
     monkeypatch.setattr(launch.subprocess, "Popen", Finished)
     launch.launch(["--run", "x"], 2, "ddp", tmp_path / "log")
     assert not [k for k in seen["env"] if k.startswith("LAB_ARG_")] and seen["env"]["LAB_DIST"] == "ddp.yaml"
+
+    # several machines: accelerate counts processes over all of them and rendezvouses at node 0
+    launch.launch(["--run", "x"], 4, "ddp", tmp_path / "log", launch.Topology(2, 1, ("10.0.0.1", 29500)))
+    cmd = seen["cmd"]
+    flags = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--") and cmd[i] != "--run"}
+    assert {k: flags[k] for k in ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                                  "--main_process_port")} == {
+        "--num_processes": "8", "--num_machines": "2", "--machine_rank": "1", "--main_process_ip": "10.0.0.1",
+        "--main_process_port": "29500"}
+    assert json.loads(seen["env"]["LAB_TOPOLOGY"]) == {"nodes": 2, "main": "10.0.0.1:29500"}
+
+
+def test_a_users_multi_machine_accelerate_config_keeps_its_topology(tmp_path):
+    """A config with num_machines > 1 names the machines itself: no launch flag overrides it."""
+    from lab.device.launch import Topology, topology
+
+    config = tmp_path / "two.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 1\n"
+                      "main_process_ip: 10.0.0.1\nmain_process_port: 29500\n")
+    assert topology(None, None, None, config) == Topology(2, 1, ("10.0.0.1", 29500))
+    assert topology(3, 2, "[fd00::1]:29400", config) == Topology(3, 2, ("fd00::1", 29400))  # NODES= wins
+    assert topology(None, None, None, None) == Topology() == topology(1, 0, None, config.with_name("none"))
 
 
 def test_a_server_record_names_a_process_only_with_its_start_time_and_program(runs_dir):

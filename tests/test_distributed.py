@@ -1,11 +1,15 @@
 """The distributed path on CPU: `lab train --gpus 2` is two real processes under accelerate
-launch (torch.distributed over gloo), each a plain `lab train`; rank 0 alone writes the run."""
+launch (torch.distributed over gloo), each a plain `lab train`; rank 0 alone writes the run.
+Two machines are two `lab train` commands on loopback (NODES=2, NODE_RANK=0|1, MAIN=)."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY, run_lab
+from conftest import ROOT, TINY, free_port, run_lab
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +23,34 @@ def test_two_processes_over_gloo_split_the_data(runs_dir, embedded_model):
     # the global batch is 2 x 16: half the steps one process would take
     assert info["global_steps"] == 2 * math.ceil(info["examples"] / (2 * 16))
     m = json.loads((run / "manifest.json").read_text())
-    assert m["distributed"] == {"processes": 2, "accelerate_config": "ddp.yaml", "type": "MULTI_CPU"}
+    assert m["distributed"] == {"processes": 2, "accelerate_config": "ddp.yaml", "type": "MULTI_CPU", "nodes": 1}
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and "train" in m["timings_s"]
     assert "2 processes through accelerate" in r.stdout and (run / "train.log").is_file()
     r = run_lab("merge", "--run", "ddp", timeout=600)  # the result is an ordinary run
     assert r.returncode == 0, r.stderr[-2000:]
+
+    # the same training on two "machines" of one process each: two lab commands that rendezvous at
+    # node 0 (loopback here), node 0 writing the run; the same ranks, so the same losses
+    main = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "lab", "train", "--hw", "cpu", "--set",
+                               f"{TINY} train.num_train_epochs=2", "--nodes", "2", "--node-rank", str(rank),
+                               "--main", main, *(["--run", "two-nodes"] if rank == 0 else [])],
+                              cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (1, 0)]
+    out = [p.communicate(timeout=900)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], out[0][-3000:] + out[1][-3000:]
+    assert "node 1 of 2 done; node 0 wrote the run" in out[0] and f"on node 0 of 2, rendezvous at {main}" in out[1]
+    two = runs_dir / "two-nodes"
+    assert sorted(p.name for p in runs_dir.iterdir() if not p.name.startswith(".")) == ["ddp", "index.html",
+                                                                                         "latest", "two-nodes"]
+    m = json.loads((two / "manifest.json").read_text())
+    assert m["distributed"] == {"processes": 2, "accelerate_config": "ddp.yaml", "type": "MULTI_CPU", "nodes": 2,
+                                "main": main}
+
+    def losses(r):
+        return [e["loss"] for e in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+
+    assert losses(two) and losses(two) == pytest.approx(losses(run), rel=1e-5, abs=1e-6)
 
 
 def test_an_unknown_distribution_config_is_one_line(runs_dir):
