@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup lock bench doctor images fixture train merge serve ask probe load stop adapter key e2e report runs dashboard compare reproduce lint test test-fast clean
+.PHONY: help setup setup-ray lock bench doctor images fixture train merge serve ask probe load stop adapter key job e2e report runs dashboard compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -50,6 +50,7 @@ VENV     := .venv
 TRAIN_PY := $(VENV)/train/bin/python
 SERVE_PY := $(VENV)/serve/bin/python
 HARNESS_PY := $(VENV)/harness/bin/python
+RAY_PY   := $(VENV)/ray/bin/python
 # The lab runs vLLM from its own environment (it pins its own transformers).
 export LAB_SERVE_PYTHON := $(abspath $(SERVE_PY))
 # RUNTIME=docker: the host only drives containers and probes them, so it needs no torch.
@@ -65,7 +66,7 @@ endif
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
 ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER ADAPTERS SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
-             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN
+             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN TARGET CLUSTER
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets
@@ -95,6 +96,14 @@ $(VENV)/serve/.done: requirements/lock/serve-$(PINS).txt $(wildcard requirements
 	$(INSTALL) $(SERVE_PY) serve $(PINS)
 	touch $@
 
+# Ray Train's environment (CLUSTER=): the training pins plus Ray; made only when a cluster is used.
+$(VENV)/ray/.done: requirements/lock/ray-$(PINS).txt $(wildcard requirements/torch-$(PINS).txt)
+	$(PYTHON) -m venv $(VENV)/ray
+	$(INSTALL) $(RAY_PY) ray $(PINS)
+	touch $@
+
+setup-ray: $(VENV)/ray/.done  ## Ray's environment, .venv/ray: start every node of the cluster from it (.venv/ray/bin/ray start)
+
 requirements/lock/%.txt:
 	@echo "make: no lock $@ (requirements/locks.yaml lists them; ROCm serves from the vLLM ROCm image: RUNTIME=docker)" >&2; exit 2
 
@@ -113,7 +122,7 @@ doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, 
 fixture: setup  ## build the embedded tiny model (cached by content hash)
 	$(LAB) fixture
 
-train: setup  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
+train: setup $(if $(CLUSTER)$(RAY_ADDRESS),$(VENV)/ray/.done)  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
 	$(LAB) train
 
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
@@ -133,6 +142,9 @@ load: setup  ## burst of chat requests at the server: make load [CONCURRENCY=32 
 
 stop: setup  ## stop the server (PORT=: only that one)
 	$(LAB) stop
+
+job: setup  ## make job TARGET=slurm NODES=2 GPUS=8 [RECIPE= SET=]: an sbatch script of the training (runs/jobs/)
+	$(LAB) job
 
 adapter: setup  ## load RUN's LoRA adapter into the running ADAPTERS= server (SET=serve.adapter_loading=true at serve)
 	$(LAB) adapter
@@ -161,7 +173,7 @@ compare: setup  ## make compare A=runs/<id> B=runs/<id>: loss, weights, answers;
 lint: $(VENV)/train/.done  ## ruff over lab/, tests/ and serve/ (rules in pyproject.toml; ruff is pinned in requirements/dev.txt)
 	$(TRAIN_PY) -m ruff check lab tests serve
 
-test: $(VENV)/train/.done $(VENV)/serve/.done  ## every test, the slow end-to-end ones included (what CI runs)
+test: $(VENV)/train/.done $(VENV)/serve/.done $(VENV)/ray/.done  ## every test, the slow end-to-end ones included (what CI runs)
 	$(TRAIN_PY) -m pytest -ra --durations=25 tests
 
 test-fast: $(VENV)/train/.done  ## unit tests only

@@ -147,16 +147,24 @@ def cmd_fixture(args) -> int:
 
 def cmd_train(args) -> int:
     from lab import manifest
+    from lab.device.cluster import address
     from lab.device.launch import config_file, is_main_process, topology
     from lab.recipe import load_saved
     from lab.runs import find_run, new_run, run_dir, stage
 
     if args.gpus < 1:
         raise LabError(f"GPUS={args.gpus}: give a number of processes, 1 or more")
+    if cluster := address(args.cluster):  # Ray places the workers: no rendezvous of ours
+        if args.node_rank or args.main:
+            raise LabError(f"CLUSTER={cluster}: Ray places GPUS x NODES workers itself; drop NODE_RANK and MAIN")
+        if args.runtime == "docker":
+            raise LabError(f"CLUSTER={cluster}: the Ray driver runs from this host's .venv/ray; use RUNTIME=local")
+        args.runtime = "local"
     # before a run directory exists: the accelerate config, and the machines it (or NODES=) names
     topo = topology(args.nodes, args.node_rank, args.main,
-                    config_file(args.dist) if args.gpus > 1 or args.nodes or args.dist != "ddp" else None)
-    if topo.node_rank > 0 and is_main_process():  # another node's launcher: node 0 writes the run
+                    config_file(args.dist) if args.gpus > 1 or args.nodes or args.dist != "ddp" else None) \
+        if not cluster else None
+    if topo and topo.node_rank > 0 and is_main_process():  # another node's launcher: node 0 writes the run
         return _train_on_node(args, topo)
     created = False
     if args.resume:
@@ -175,7 +183,10 @@ def cmd_train(args) -> int:
             runtime.train(recipe, run, resume=args.resume)
             return 0
         with stage(run, "train"):
-            runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist, topo=topo)
+            if cluster:
+                runtime.train(recipe, run, resume=args.resume, gpus=args.gpus * (args.nodes or 1), cluster=cluster)
+            else:
+                runtime.train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist, topo=topo)
     except BaseException as e:
         # A new run that failed before its first checkpoint holds nothing to resume: it goes, so
         # it never looks like a result (and `latest` goes back), its logs kept in runs/.failed/<run-id>/
@@ -219,6 +230,23 @@ def _train_on_node(args, topo) -> int:
         if not args.resume:
             shutil.rmtree(run, ignore_errors=True)
     print(f"lab: node {topo.node_rank} of {topo.nodes} done; node 0 wrote the run")
+    return 0
+
+
+def cmd_job(args) -> int:
+    """A batch job of the recipe's training for a cluster's scheduler (Slurm), written, not submitted."""
+    from lab import ROOT
+    from lab.jobs import write_job
+    from lab.runs import RUNS_DIR
+
+    recipe = _recipe(args, check_train=True)
+    ref = args.recipe or DEFAULT_RECIPE
+    if Path(ref).expanduser().is_file():  # every node reads it: the same absolute path on shared storage
+        ref = str(Path(ref).expanduser().resolve())
+    out = Path(args.out).expanduser() if args.out else RUNS_DIR / "jobs" / f"{recipe.name}-{args.target}.sbatch"
+    path = write_job(args.target, recipe, ref, args.set or "", args.hw, args.nodes, args.gpus, out, ROOT, RUNS_DIR)
+    print(f"job: {path} trains {recipe.name} on {args.nodes} nodes x {args.gpus} GPUs (the checkout at {ROOT} on "
+          f"every node); submit it: sbatch {path}")
     return 0
 
 
@@ -792,7 +820,14 @@ COMMANDS = {
         _flag("--nodes", type=int, env=("NODES",), help="machines in all, each running this command with GPUS= "
               "processes (default: 1, or the accelerate config's num_machines)"),
         _flag("--node-rank", type=int, env=("NODE_RANK",), help="this machine's rank, 0 to NODES-1 (0 writes the run)"),
-        _flag("--main", env=("MAIN",), help="host:port of node 0 for the rendezvous, the same on every node")]),
+        _flag("--main", env=("MAIN",), help="host:port of node 0 for the rendezvous, the same on every node"),
+        _flag("--cluster", env=("CLUSTER",), help="a Ray cluster (ray://head:10001, or head:6379 from one of its "
+              "nodes; default RAY_ADDRESS): GPUS x NODES Ray Train workers there")]),
+    "job": (cmd_job, "write a Slurm batch script that trains the recipe on NODES machines of GPUS each", ("recipe",), [
+        _flag("--target", env=("TARGET", "slurm"), help="the scheduler: slurm"),
+        _flag("--nodes", type=int, env=("NODES", 2), help="machines"),
+        _flag("--gpus", type=int, env=("GPUS", 1), help="GPUs (processes) per machine"),
+        _flag("--out", default=None, help="where to write it (default: runs/jobs/<recipe>-<target>.sbatch)")]),
     "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)", ("run", "runtime"), []),
     "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health",
               ("recipe", "run", "runtime", "port"), [

@@ -71,7 +71,7 @@ def served_model(api, prefer: str | None = None, key_env: str = "LAB_API_KEY") -
         raise LabError(f"no server answers at {api.base_url}; start one with `make serve`") from None
     except openai.AuthenticationError:
         raise LabError(f"{api.base_url} refused the API key; set {key_env} to the key the server was started "
-                       "with") from None
+                       "with (`make -s key` prints the one the lab generated for its server)") from None
     except openai.NotFoundError:
         raise LabError(f"{api.base_url}models does not exist: is this an OpenAI-compatible server? Give BASE_URL "
                        "as http://host:port") from None

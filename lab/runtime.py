@@ -45,8 +45,9 @@ class Runtime(Protocol):
         """The base model's directory, as the stages that read it see it."""
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
-              topo=None) -> None:
-        """`lab train` into `run` (gpus processes here; topo: of several machines)."""
+              topo=None, cluster: str | None = None) -> None:
+        """`lab train` into `run` (gpus processes here; topo: of several machines; cluster: gpus Ray
+        Train workers on that Ray cluster)."""
 
     def merge(self, run: Path) -> Path:
         """`lab merge` of `run`: its merged/ directory on this host."""
@@ -76,7 +77,14 @@ class Local:
         return resolve(model, None, allow) if model else resolve(recipe.model.path, recipe.model.revision, allow)
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
-              topo=None) -> None:
+              topo=None, cluster: str | None = None) -> None:
+        if cluster:  # the same `lab train` in each Ray Train worker (lab/device/cluster.py)
+            from lab.device import cluster as ray_cluster
+
+            self.base_model(recipe)  # built or found here once (the workers read it from the shared cache)
+            ray_cluster.launch([*self.recipe_argv, *(["--resume"] if resume else [])], gpus,
+                               use_gpu=recipe.backend != "cpu", cluster=cluster, run=run, log=run / "train.log")
+            return
         if gpus > 1 or (topo and topo.nodes > 1):  # the same `lab train`, once per device, under accelerate launch
             from lab.device.launch import Topology, launch
 

@@ -262,6 +262,14 @@ CASES = [
         _write(t / "two.yaml", b"distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 1\n"))],
      "lab train: error: {tmp}/two.yaml: num_machines 2 needs main_process_ip and main_process_port (node 0's address "
      "and a free port)"),
+    ("cluster-with-node-rank", lambda t, r: ["train", "--hw", "cpu", "--cluster", "ray://10.0.0.1:10001",
+                                             "--node-rank", "1"],
+     "lab train: error: CLUSTER=ray://10.0.0.1:10001: Ray places GPUS x NODES workers itself; drop NODE_RANK and "
+     "MAIN"),
+    ("cluster-in-docker", lambda t, r: ["train", "--hw", "cpu", "--cluster", "ray://10.0.0.1:10001", "--runtime",
+                                        "docker"],
+     "lab train: error: CLUSTER=ray://10.0.0.1:10001: the Ray driver runs from this host's .venv/ray; use "
+     "RUNTIME=local"),
     ("dist-unknown", lambda t, r: ["train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9"],
      f"lab train: error: DIST='zero9': no accelerate config {RECIPES_DIR}/accelerate/zero9.yaml; shipped: "
      "ddp, fsdp2, zero3, or a path to your own"),

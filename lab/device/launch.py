@@ -98,23 +98,27 @@ def launch(train_argv: list[str], processes: int, dist: str, log: Path, topo: To
     print(f"train: {processes} processes through accelerate ({config.name})"
           + (f" on node {topo.node_rank} of {topo.nodes}, rendezvous at {topo.address}" if topo.nodes > 1 else "")
           + f"; log: {log}", flush=True)
+    # the ranks get their arguments from argv alone: make's LAB_ARG_GPUS would make each launch again
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
+    code = stream(cmd, log, {**env, "LAB_DIST": config.name, "LAB_TOPOLOGY": json.dumps(topo.record())})
+    if code != 0:
+        raise LabError(f"distributed training exited with {code}; see {log}")
+
+
+def stream(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> int:
+    """Run a launcher (accelerate's, Ray's driver), its output to `log` and here; its exit code."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
-        # the ranks get their arguments from argv alone: make's LAB_ARG_GPUS would make each launch again
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**env, "LAB_DIST": config.name, "LAB_TOPOLOGY": json.dumps(topo.record())})
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             for line in proc.stdout:
                 out.write(line)
                 sys.stdout.write(line)
-            code = proc.wait()
-        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: accelerate's launcher ends its ranks on SIGTERM
+            return proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the launchers end their workers on SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
-    if code != 0:
-        raise LabError(f"distributed training exited with {code}; see {log}")

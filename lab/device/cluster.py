@@ -1,0 +1,49 @@
+"""Beyond one machine on Ray: `lab train --cluster ray://head:10001` (CLUSTER=, or RAY_ADDRESS)
+trains the recipe under Ray Train. A driver (lab/raytrain.py) in Ray's own environment (.venv/ray: the training
+pins plus Ray, made by `make setup-ray`) starts a `TorchTrainer` of GPUS x NODES workers, one
+per device; Ray sets up torch.distributed (NCCL on GPUs, gloo on CPU) and each worker runs the
+very `lab train` that accelerate launch would run as one rank. Rank 0 writes the run.
+
+What the nodes share, at the same paths: the lab's checkout (each worker imports `lab` from it:
+PYTHONPATH in the workers' runtime environment), runs/ (the run and its checkpoints: where a
+restarted worker group resumes from) and the model cache. Every node's `ray start` runs from
+.venv/ray, so the workers' Python is that environment.
+
+A lost worker (a node gone, a process killed) fails the worker group; Ray's FailureConfig
+starts it again, up to LAB_RAY_MAX_FAILURES times (default 2), and every worker resumes from
+the run's last complete checkpoint, as RESUME=1 would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lab import ROOT
+from lab.device.launch import stream
+from lab.errors import LabError
+
+RAY_PYTHON = ROOT / ".venv" / "ray" / "bin" / "python"
+
+
+def address(cluster: str | None) -> str | None:
+    """The Ray cluster of this training: CLUSTER=, else RAY_ADDRESS; none (empty) trains here."""
+    chosen = os.environ.get("RAY_ADDRESS", "") if cluster is None else cluster
+    return chosen.strip() or None
+
+
+def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run: Path, log: Path) -> None:
+    """The Ray driver, in Ray's environment, streaming its output (and the workers') to `log` and here."""
+    if not RAY_PYTHON.is_file():
+        raise LabError(f"CLUSTER={cluster}: Ray's environment {RAY_PYTHON.parent.parent} is missing; `make setup-ray` "
+                       "makes it (start every node of the cluster from it: .venv/ray/bin/ray start ...)")
+    cmd = [str(RAY_PYTHON), "-m", "lab.raytrain", "--address", cluster, "--workers", str(workers),
+           "--run", str(run), *(["--use-gpu"] if use_gpu else []), "--", *train_argv]
+    print(f"train: {workers} Ray Train workers on {cluster}; log: {log}", flush=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
+    code = stream(cmd, log, env, cwd=ROOT)
+    if code == 3:  # lab/raytrain.py: NO_CLUSTER
+        raise LabError(f"no Ray cluster answers at {cluster}; start one (.venv/ray/bin/ray start --head) or fix "
+                       "CLUSTER=")
+    if code != 0:
+        raise LabError(f"training on the Ray cluster {cluster} failed (exit {code}); see {log}")

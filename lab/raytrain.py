@@ -1,0 +1,89 @@
+"""The Ray Train driver of `lab train --cluster` (lab/device/cluster.py starts it with Ray's
+environment, .venv/ray): connect to the cluster, run a `TorchTrainer` whose workers each run one
+rank's `lab train`, in the process group Ray sets up; a worker group Ray starts again after a
+failure resumes from the run's last complete checkpoint.
+
+    .venv/ray/bin/python -m lab.raytrain --address ray://head:10001 --workers N --run RUN -- TRAIN_ARGS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from lab import ROOT
+
+# what the workers inherit from the driver's environment (where the lab keeps things, and how it runs)
+PASSED_ENV = ("LAB_", "HF_", "TRANSFORMERS_", "TRACKIO_", "OMP_NUM_THREADS", "PYTORCH_", "NCCL_", "HIP_", "CUDA_")
+NO_CLUSTER = 3  # the exit code for "nobody answers at that address" (lab/device/cluster.py words it)
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker: the `lab train` of one rank, in the process group Ray made."""
+    import ray
+    import torch.distributed as dist
+
+    import lab.cli
+    from lab.train import last_complete_checkpoint
+
+    # Which machines the workers landed on: the manifest names the cluster and counts them.
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    os.environ["LAB_TOPOLOGY"] = json.dumps({"nodes": len(set(nodes)), "engine": "ray", "cluster": config["address"],
+                                             "workers": dist.get_world_size()})
+    os.environ.pop("LAB_DIST", None)  # no accelerate config: Ray made the process group
+    # A worker group Ray started again after a failure resumes from the run's last complete
+    # checkpoint (shared storage); the first start begins as the user asked.
+    dist.barrier()  # every rank looks before rank 0 can tidy a partial checkpoint
+    resume = config["resume"] or last_complete_checkpoint(Path(config["run"]) / "checkpoints",
+                                                          remove_partial=False) is not None
+    argv = [*config["argv"], *(["--resume"] if resume and "--resume" not in config["argv"] else [])]
+    # cmd_train itself, not lab.cli.main: Ray runs this in a thread, where signal handlers cannot be set
+    args = lab.cli.make_parser().parse_args(["train", *argv])
+    args.func(args)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m lab.raytrain` in .venv/ray: connect, train, report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lab.raytrain")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("train_argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    train_argv = [a for a in args.train_argv if a != "--"]
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV) and not k.startswith("LAB_ARG_")}
+    # every worker imports the lab from the checkout, at the same path on every node
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    try:
+        ray.init(address=args.address, runtime_env={"env_vars": env}, log_to_driver=True,
+                 logging_level="WARNING")
+    except (ConnectionError, TimeoutError, RuntimeError) as e:
+        print(f"lab.raytrain: {args.address}: {e}", file=sys.stderr)
+        return NO_CLUSTER
+    run = Path(args.run)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"argv": [*train_argv, "--run", str(run), "--runtime", "local", "--cluster", ""],
+                           "run": str(run), "address": args.address, "resume": "--resume" in train_argv},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu),
+        # Ray's own records of the run (its controller state) beside the runs, on the shared storage
+        run_config=RunConfig(name=run.name, storage_path=str(run.parent / ".ray"),
+                             failure_config=FailureConfig(max_failures=int(os.environ.get("LAB_RAY_MAX_FAILURES", 2)))),
+    )
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
