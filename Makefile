@@ -66,7 +66,7 @@ endif
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
 ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER ADAPTERS SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
-             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN TARGET CLUSTER
+             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN TARGET CLUSTER IMAGE
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets
@@ -143,7 +143,7 @@ load: setup  ## burst of chat requests at the server: make load [CONCURRENCY=32 
 stop: setup  ## stop the server (PORT=: only that one)
 	$(LAB) stop
 
-job: setup  ## make job TARGET=slurm NODES=2 GPUS=8 [RECIPE= SET=]: an sbatch script of the training (runs/jobs/)
+job: setup  ## make job TARGET=slurm|k8s NODES=2 GPUS=8 HW=cuda [RECIPE= SET= IMAGE=]: an sbatch script or a Kubeflow TrainJob (runs/jobs/)
 	$(LAB) job
 
 adapter: setup  ## load RUN's LoRA adapter into the running ADAPTERS= server (SET=serve.adapter_loading=true at serve)

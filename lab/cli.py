@@ -236,17 +236,23 @@ def _train_on_node(args, topo) -> int:
 def cmd_job(args) -> int:
     """A batch job of the recipe's training for a cluster's scheduler (Slurm), written, not submitted."""
     from lab import ROOT
-    from lab.jobs import write_job
+    from lab.jobs import SUFFIX, write_job
     from lab.runs import RUNS_DIR
 
     recipe = _recipe(args, check_train=True)
     ref = args.recipe or DEFAULT_RECIPE
     if Path(ref).expanduser().is_file():  # every node reads it: the same absolute path on shared storage
         ref = str(Path(ref).expanduser().resolve())
-    out = Path(args.out).expanduser() if args.out else RUNS_DIR / "jobs" / f"{recipe.name}-{args.target}.sbatch"
-    path = write_job(args.target, recipe, ref, args.set or "", args.hw, args.nodes, args.gpus, out, ROOT, RUNS_DIR)
-    print(f"job: {path} trains {recipe.name} on {args.nodes} nodes x {args.gpus} GPUs (the checkout at {ROOT} on "
-          f"every node); submit it: sbatch {path}")
+    suffix = SUFFIX.get(args.target, "txt")
+    out = Path(args.out).expanduser() if args.out else RUNS_DIR / "jobs" / f"{recipe.name}-{args.target}.{suffix}"
+    path = write_job(args.target, recipe, ref, args.set or "", args.hw, args.nodes, args.gpus, out, ROOT, RUNS_DIR,
+                     args.image)
+    if args.target == "k8s":
+        print(f"job: {path}: a Kubeflow TrainJob of {recipe.name} on {args.nodes} pods x {args.gpus} (checked against "
+              f"the TrainJob schema); submit it: kubectl apply -f {path}")
+    else:
+        print(f"job: {path} trains {recipe.name} on {args.nodes} nodes x {args.gpus} GPUs (the checkout at {ROOT} on "
+              f"every node); submit it: sbatch {path}")
     return 0
 
 
@@ -823,11 +829,13 @@ COMMANDS = {
         _flag("--main", env=("MAIN",), help="host:port of node 0 for the rendezvous, the same on every node"),
         _flag("--cluster", env=("CLUSTER",), help="a Ray cluster (ray://head:10001, or head:6379 from one of its "
               "nodes; default RAY_ADDRESS): GPUS x NODES Ray Train workers there")]),
-    "job": (cmd_job, "write a Slurm batch script that trains the recipe on NODES machines of GPUS each", ("recipe",), [
-        _flag("--target", env=("TARGET", "slurm"), help="the scheduler: slurm"),
+    "job": (cmd_job, "write a Slurm batch script or a Kubeflow TrainJob that trains the recipe on NODES machines of "
+            "GPUS each", ("recipe",), [
+        _flag("--target", env=("TARGET", "slurm"), help="the scheduler: slurm (an sbatch script) or k8s (a TrainJob)"),
+        _flag("--image", env=("IMAGE",), help="k8s: the training image the pods run (default: lab-train:<hw>)"),
         _flag("--nodes", type=int, env=("NODES", 2), help="machines"),
         _flag("--gpus", type=int, env=("GPUS", 1), help="GPUs (processes) per machine"),
-        _flag("--out", default=None, help="where to write it (default: runs/jobs/<recipe>-<target>.sbatch)")]),
+        _flag("--out", default=None, help="where to write it (default: runs/jobs/<recipe>-<target>.sbatch|yaml)")]),
     "merge": (cmd_merge, "merge the adapter into a complete checkpoint (runs/<id>/merged)", ("run", "runtime"), []),
     "serve": (cmd_serve, "serve a model with vLLM in the background and wait for /health",
               ("recipe", "run", "runtime", "port"), [
