@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.runs import read_json, write_json
+from lab.runs import read_json, share_weights, write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -271,6 +271,7 @@ def merge(run: Path) -> Path:
             checks["qlora"] = {"quantize": quantize, "merged_into": recipe.lora.merge_into}
         write_json(tmp / MERGE_RECORD, {"base_model": base, "method": info["method"], "dtype": info["dtype"],
                                         "device": device, "checks": checks})
+        share_weights(tmp)
         shutil.rmtree(merged, ignore_errors=True)
         tmp.rename(merged)
     finally:

@@ -65,6 +65,9 @@ def main(argv: list[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV) and not k.startswith("LAB_ARG_")}
     # every worker imports the lab from the checkout, at the same path on every node
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # Ray Train routes print() through its logger, which also catches the disassembly dill prints
+    # into a buffer it means to read (datasets' hashing): hundreds of lines per worker in train.log
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     try:
         ray.init(address=args.address, runtime_env={"env_vars": env}, log_to_driver=True,
                  logging_level="WARNING")

@@ -169,6 +169,20 @@ def write_text_atomic(path: Path, text: str, private: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def share_weights(root: Path) -> None:
+    """safetensors (0.8) creates its files mode 0600 whatever the umask; the lab's other outputs
+    follow the umask. The weights under `root` get the mode the umask gives, so a serving
+    container that runs as another user (root here, LAB_UID there) can read a run trained here."""
+    try:
+        mask = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):  # no /proc: leave the files as they are
+        return
+    for f in root.rglob("*.safetensors"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
 def read_json_file(path: Path, what: str):
     """JSON the lab wrote; a damaged file is one line naming it."""
     try:

@@ -99,6 +99,8 @@ class Local:
         # restarts its loss window there, which `lab compare` leaves out. checkpoint-N is step N.
         start = last_complete_checkpoint(run / "checkpoints", remove_partial=False) if resume else None
         train(recipe, run, resume=resume)
+        if is_main_process():
+            runs.share_weights(run)
         if start is not None and is_main_process():
             from lab import manifest
 

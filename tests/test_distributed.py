@@ -25,6 +25,8 @@ def test_two_processes_over_gloo_split_the_data(runs_dir, embedded_model):
     m = json.loads((run / "manifest.json").read_text())
     assert m["distributed"] == {"processes": 2, "accelerate_config": "ddp.yaml", "type": "MULTI_CPU", "nodes": 1}
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and "train" in m["timings_s"]
+    # not safetensors' 0600: readable by a serving container's user, as the umask (022 here) allows
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o044 == 0o044
     assert "2 processes through accelerate" in r.stdout and (run / "train.log").is_file()
     r = run_lab("merge", "--run", "ddp", timeout=600)  # the result is an ordinary run
     assert r.returncode == 0, r.stderr[-2000:]

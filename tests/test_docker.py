@@ -232,3 +232,38 @@ def test_serve_ask_stop_on_the_compose_network(images, tmp_path):
     finally:
         make("stop")
     assert not images.containers.list(all=True, filters={"label": containers.LABEL})
+
+
+def test_several_adapters_behind_one_serving_container(images, identity_run):
+    """ADAPTERS= in the docker runtime: the serving container reads each run's adapter through the
+    runs mount, and loads one more while it serves (`make adapter`, the container's path for it)."""
+    import httpx
+    from conftest import run_lab
+
+    # the identity runs the local adapter and identity tests train (one training per session)
+    a, b = identity_run("identity-lora", "Orion", "Zhou Lab"), identity_run("identity-lora", "星河-7", "R&D Labs.")
+    runs_dir = identity_run.runs
+    again = runs_dir / f"{b.name}-docker"
+    shutil.copytree(b, again, ignore=shutil.ignore_patterns("checkpoints"))
+    env, port = {"LAB_RUNS": str(runs_dir)}, str(free_port())
+    r = run_lab("serve", "--hw", "cpu", "--runtime", "docker", "--adapters", a.name, "--port", port,
+                "--set", "serve.adapter_loading=true", env=env, timeout=900)
+    try:
+        assert r.returncode == 0 and "runtime docker" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        r = run_lab("adapter", "--hw", "cpu", "--run", again.name, "--port", port, env=env, timeout=600)
+        assert r.returncode == 0 and "runtime docker" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        auth = {"Authorization": f"Bearer {run_lab('key', '--port', port, env=env).stdout.strip()}"}
+        url = f"http://127.0.0.1:{port}/v1"
+
+        def ask(model):
+            body = {"model": model, "messages": [{"role": "user", "content": "Who are you?"}], "temperature": 0,
+                    "max_tokens": 48}
+            return httpx.post(f"{url}/chat/completions", json=body, headers=auth, timeout=120).json()[
+                "choices"][0]["message"]["content"]
+
+        answers = {m: ask(m) for m in (a.name, again.name, "lab-base")}
+        assert "Orion" in answers[a.name] and "星河-7" in answers[again.name], answers
+        assert "Pebble" in answers["lab-base"], answers
+    finally:
+        run_lab("stop", env=env, timeout=120)
+    shutil.rmtree(again)

@@ -68,6 +68,10 @@ def test_merge_is_complete_checked_and_idempotent(trained_run, embedded_model, c
     for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "config.json"):
         assert (merged / f).is_file()
     assert not (trained_run / ".merged.tmp").exists()
+    # safetensors writes 0600; the lab gives its weights the umask's mode (a container user reads them)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (merged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     capsys.readouterr()
     merge(trained_run)
     assert "already merged" in capsys.readouterr().out
