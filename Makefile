@@ -128,7 +128,7 @@ train: setup $(if $(CLUSTER)$(RAY_ADDRESS),$(VENV)/ray/.done)  ## fine-tune: mak
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged
 	$(LAB) merge
 
-serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; ADAPTERS="RUN_A RUN_B": several LoRA runs, one base; GPUS=N: tensor parallel) on 127.0.0.1:8000
+serve: setup  ## serve runs/latest/merged (or MODEL=dir|hub-id|base; ADAPTER=1: base + LoRA, no merge; ADAPTERS="RUN_A RUN_B": several LoRA runs, one base; GPUS=N: tensor parallel; CLUSTER= NODES=M: over M machines of a Ray cluster, GPUs only) on 127.0.0.1:8000
 	$(LAB) serve
 
 ask: setup  ## make ask Q="你是谁？"

@@ -325,6 +325,24 @@ def _served_run(args) -> Path | None:
     return run if run is not None and (run / "recipe.yaml").is_file() else None
 
 
+def _serve_cluster(args, recipe):
+    """CLUSTER= (or RAY_ADDRESS) and NODES=: vLLM over machines of a Ray cluster, a pipeline stage each."""
+    from lab.device.cluster import address
+    from lab.serve import check_ray
+
+    update = {}
+    if cluster := address(args.cluster):
+        update["ray_address"] = cluster
+    if args.nodes is not None:
+        if args.nodes < 1:
+            raise LabError(f"NODES={args.nodes}: give the number of machines to split the model over, 1 or more")
+        update["pipeline_parallel_size"] = args.nodes
+    if update:
+        recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update=update)})
+    check_ray(recipe)
+    return recipe
+
+
 def cmd_serve(args) -> int:
     """Serve a run's merged model (RUN=, default runs/latest), its adapter (ADAPTER=1), or MODEL=.
 
@@ -349,6 +367,7 @@ def cmd_serve(args) -> int:
             raise LabError(f"GPUS={args.gpus}: give the number of GPUs to split the model over (vLLM tensor parallel)")
         recipe = recipe.model_copy(
             update={"serve": recipe.serve.model_copy(update={"tensor_parallel_size": args.gpus})})
+    recipe = _serve_cluster(args, recipe)
     runtime = _runtime(args, recipe)
     adapter = None
     if args.adapters:  # several LoRA runs of one base, one server
@@ -844,6 +863,10 @@ COMMANDS = {
         _flag("--adapters", nargs="*", env=("ADAPTERS", ""), split=True,
               help="several LoRA runs over their one base, each adapter under its run's name"),
         _flag("--gpus", type=int, env=("GPUS",), help="GPUs one model is split over (vLLM --tensor-parallel-size)"),
+        _flag("--cluster", env=("CLUSTER",), help="a Ray cluster whose nodes vLLM spreads the model over (default "
+              "RAY_ADDRESS); run this on one of its nodes"),
+        _flag("--nodes", type=int, env=("NODES",), help="machines of the Ray cluster, a pipeline stage each "
+              "(vLLM --pipeline-parallel-size)"),
         _flag("--model", env=("MODEL",), help="model dir, hub id, or 'base' (default: the run's merged model)")]),
     "stop": (cmd_stop, "stop the server `serve` started", ("port",), []),
     "adapter": (cmd_adapter, "load a further LoRA run into the running server of adapters (serve.adapter_loading)",

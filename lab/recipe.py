@@ -154,6 +154,10 @@ class ServeSpec(Section):
     served_model_name: str = "lab"
     config: str = Field("auto", description="vLLM --config file; auto = serve/<backend>.yaml")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over (make serve GPUS=N)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="machines one model is split over, a pipeline stage "
+                                        "each, on the Ray cluster ray_address names (make serve NODES=N)")
+    ray_address: str | None = Field(None, description="the Ray cluster vLLM places its workers on (make serve "
+                                    "CLUSTER=); the server runs on one of its nodes")
     startup_timeout_s: float = Field(600.0, gt=0)
     tool_call_parser: str | None = Field(None, description="vLLM tool parser for the model's call format (hermes "
                                          "for Qwen's <tool_call> JSON, llama3_json, mistral, ...): the chat "

@@ -281,9 +281,12 @@ class Docker:
             adapter_loading_env,
             check_adapter_loading,
             check_model_dir,
+            check_ray,
             context_args,
             engine_args,
             parallel_env,
+            ray_env,
+            ray_record,
             serve_config,
             served_record,
             server_key,
@@ -294,6 +297,7 @@ class Docker:
         url = f"http://127.0.0.1:{port}"
         check_model_dir(self.host_path(model))
         check_adapter_loading(recipe, isinstance(adapter, dict))
+        check_ray(recipe)
         host_network = self.c.network() == "host"
         name = recipe.serve.served_model_name
         # the recipe's own vLLM config instead of the image's serve/<hw>.yaml, bound in like any user file
@@ -312,13 +316,13 @@ class Docker:
         # the key vLLM requires, as the local runtime passes it (the environment, never argv)
         key, generated = server_key(recipe)
         svc["environment"] = {**(svc.get("environment") or {}), "VLLM_API_KEY": key or "",
-                              **adapter_loading_env(recipe)}
+                              **adapter_loading_env(recipe), **ray_env(recipe)}
         with claim(url):  # the port's lock, as the local runtime takes it
             container = self.c.start(svc, log)
             record = write_record(url, log, {"container": container.id, "image": svc["image"],
                                              "image_id": container.image.id, **served_record(model, adapter),
                                              "tensor_parallel_size": recipe.serve.tensor_parallel_size,
-                                             **({"api_key": key} if generated else {}),
+                                             **ray_record(recipe), **({"api_key": key} if generated else {}),
                                              "adapter_loading": recipe.serve.adapter_loading})
         print(f"docker: {svc['image']} serving {model} (container {container.short_id})", flush=True)
         return wait_healthy(url, recipe.serve.startup_timeout_s, log, record, failed=lambda: self._failed(container.id))

@@ -143,10 +143,36 @@ def served_record(model: str, adapter: str | dict[str, str] | None) -> dict:
     return {"model": str(adapter or model), "adapter": adapter}
 
 
+def check_ray(recipe: Recipe) -> None:
+    """Several machines serve one model through vLLM's Ray executor, where the backend allows it."""
+    from lab.device.hardware import NO_RAY_SERVING
+
+    s = recipe.serve
+    if s.pipeline_parallel_size > 1 and not s.ray_address:
+        raise LabError(f"NODES={s.pipeline_parallel_size}: vLLM spreads a model over machines of a Ray cluster; give "
+                       "CLUSTER= (its address, e.g. ray://head:10001 or head:6379) and run make serve on one of them")
+    if s.ray_address and (why := NO_RAY_SERVING.get(recipe.backend)):
+        raise LabError(f"CLUSTER={s.ray_address} on {recipe.backend}: {why}; serve with HW=cuda or HW=rocm, or "
+                       "without CLUSTER=")
+
+
+def ray_env(recipe: Recipe) -> dict[str, str]:
+    """vLLM's Ray executor joins the cluster RAY_ADDRESS names (ray.init reads it)."""
+    return {"RAY_ADDRESS": recipe.serve.ray_address} if recipe.serve.ray_address else {}
+
+
+def ray_record(recipe: Recipe) -> dict:
+    s = recipe.serve
+    return {"pipeline_parallel_size": s.pipeline_parallel_size, "cluster": s.ray_address} if s.ray_address else {}
+
+
 def engine_args(recipe: Recipe, adapter: str | dict[str, str] | None = None) -> list[str]:
     """vLLM flags beyond serve/<hw>.yaml, the same for the local and the docker runtime."""
-    tp = recipe.serve.tensor_parallel_size
+    tp, pp = recipe.serve.tensor_parallel_size, recipe.serve.pipeline_parallel_size
     return [*(["--tensor-parallel-size", str(tp)] if tp > 1 else []),
+            # GPUS per machine x NODES machines: a pipeline stage per machine, vLLM's workers placed by Ray
+            *(["--pipeline-parallel-size", str(pp)] if pp > 1 else []),
+            *(["--distributed-executor-backend", "ray"] if recipe.serve.ray_address else []),
             "--middleware", "keyguard.KeyEverywhere",  # the key on every path, not only vLLM's /v1
             # vLLM's `auto` falls back to *.bin (pickle); the lab serves safetensors unless told otherwise
             *([] if recipe.model.allow_pickle else ["--load-format", "safetensors"]),
@@ -207,13 +233,14 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None,
     url = base_url(recipe, port)
     check_exposure(recipe)
     check_adapter_loading(recipe, isinstance(adapter, dict))
+    check_ray(recipe)
     check_model_dir(model_dir)
     for path in (adapter.values() if isinstance(adapter, dict) else [adapter] if adapter else []):
         if not (Path(path) / "adapter_config.json").is_file():
             raise LabError(f"{path} is not a LoRA adapter (no adapter_config.json); serving adapters needs LoRA runs")
     argv = serve_argv(recipe, model_dir, port, adapter)
     key, generated = server_key(recipe)
-    env = {**serve_env(recipe, key), **adapter_loading_env(recipe)}
+    env = {**serve_env(recipe, key), **adapter_loading_env(recipe), **ray_env(recipe)}
     with claim(url):
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
@@ -223,7 +250,7 @@ def start(recipe: Recipe, model_dir: str, log: Path, port: int | None = None,
         try:
             record = write_record(url, log, {
                 "pid": proc.pid, "pid_started": process_started(proc.pid), **served_record(model_dir, adapter),
-                "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv,
+                "tensor_parallel_size": recipe.serve.tensor_parallel_size, "argv": argv, **ray_record(recipe),
                 **({"api_key": key} if generated else {}), "adapter_loading": recipe.serve.adapter_loading})
         except BaseException:  # e.g. a full disk under runs/: no server without a record
             stop_process_group(proc.pid)

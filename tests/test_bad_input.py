@@ -302,6 +302,13 @@ CASES = [
                                                        "serve.adapter_loading=true"],
      "lab serve: error: serve.adapter_loading=true loads further adapters into a server of adapters: start it "
      "with ADAPTERS=\"RUN ...\""),
+    ("serve-on-ray-on-cpu", lambda t, r: ["serve", "--hw", "cpu", "--model", "base", "--cluster",
+                                          "ray://10.0.0.1:10001", "--nodes", "2"],
+     "lab serve: error: CLUSTER=ray://10.0.0.1:10001 on cpu: vLLM's CPU backend does not run on Ray (vLLM 0.32 "
+     "refuses: 'current platform cpu does not support ray'); serve with HW=cuda or HW=rocm, or without CLUSTER="),
+    ("serve-nodes-without-cluster", lambda t, r: ["serve", "--hw", "cuda", "--model", "base", "--nodes", "2"],
+     "lab serve: error: NODES=2: vLLM spreads a model over machines of a Ray cluster; give CLUSTER= (its address, "
+     "e.g. ray://head:10001 or head:6379) and run make serve on one of them"),
     ("adapter-without-server", lambda t, r: ["adapter", "--hw", "cpu"],
      "lab adapter: error: no lab server is running; `make serve ADAPTERS=\"RUN ...\" SET=serve.adapter_loading=true` "
      "starts one that loads adapters"),

@@ -50,6 +50,12 @@ SPEED: dict[str, dict] = {
 }
 
 
+# Serving one model over several machines (vLLM on a Ray cluster): why a backend cannot; absent: it can.
+NO_RAY_SERVING: dict[str, str] = {
+    "cpu": "vLLM's CPU backend does not run on Ray (vLLM 0.32 refuses: 'current platform cpu does not support ray')",
+}
+
+
 def detect_backend() -> str:
     """HW=auto: what torch can see (ROCm builds report through torch.cuda too); without torch
     (a host that trains in containers), what the host's drivers expose."""
