@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--run", required=True)
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--cpus-per-worker", type=float, default=1)
+    parser.add_argument("--max-failures", type=int, default=2)
+    parser.add_argument("--storage", required=True)
     parser.add_argument("train_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     train_argv = [a for a in args.train_argv if a != "--"]
@@ -79,10 +82,12 @@ def main(argv: list[str]) -> int:
         _worker,
         train_loop_config={"argv": [*train_argv, "--run", str(run), "--runtime", "local", "--cluster", ""],
                            "run": str(run), "address": args.address, "resume": "--resume" in train_argv},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu),
-        # Ray's own records of the run (its controller state) beside the runs, on the shared storage
-        run_config=RunConfig(name=run.name, storage_path=str(run.parent / ".ray"),
-                             failure_config=FailureConfig(max_failures=int(os.environ.get("LAB_RAY_MAX_FAILURES", 2)))),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker,
+                                                           **({"GPU": 1} if args.use_gpu else {})}),
+        # Ray's own records of the run (its controller state), on storage every node shares
+        run_config=RunConfig(name=run.name, storage_path=args.storage,
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
     )
     trainer.fit()
     return 0

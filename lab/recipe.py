@@ -164,6 +164,16 @@ class ServeSpec(Section):
                                          "endpoint then returns the model's calls as tool_calls")
 
 
+class ClusterSpec(Section):
+    """Training on a Ray cluster (make train CLUSTER=): Ray Train's scaling, storage and failures."""
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves for each worker, beside its GPU "
+                                   "(ScalingConfig.resources_per_worker)")
+    storage_path: str | None = Field(None, description="where Ray Train keeps its records of each run, a directory "
+                                     "every node shares (RunConfig.storage_path); default: runs/.ray")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts (each resumes from the run's last "
+                              "checkpoint) before the run fails; -1: no limit (FailureConfig.max_failures)")
+
+
 class Recipe(Section):
     name: str
     description: str = ""
@@ -180,6 +190,7 @@ class Recipe(Section):
     identity: IdentitySpec = IdentitySpec()
     probe: ProbeSpec = ProbeSpec()
     serve: ServeSpec = ServeSpec()
+    cluster: ClusterSpec = ClusterSpec()
     seed: int = 42
     # PyTorch's deterministic algorithms, seeds everywhere, CUBLAS_WORKSPACE_CONFIG (transformers'
     # enable_full_determinism) and a seeded data order: reruns on the same host repeat bit for bit.

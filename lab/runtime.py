@@ -83,7 +83,8 @@ class Local:
 
             self.base_model(recipe)  # built or found here once (the workers read it from the shared cache)
             ray_cluster.launch([*self.recipe_argv, *(["--resume"] if resume else [])], gpus,
-                               use_gpu=recipe.backend != "cpu", cluster=cluster, run=run, log=run / "train.log")
+                               use_gpu=recipe.backend != "cpu", cluster=cluster, run=run, log=run / "train.log",
+                               spec=recipe.cluster)
             return
         if gpus > 1 or (topo and topo.nodes > 1):  # the same `lab train`, once per device, under accelerate launch
             from lab.device.launch import Topology, launch

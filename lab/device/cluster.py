@@ -10,7 +10,7 @@ restarted worker group resumes from) and the model cache. Every node's `ray star
 .venv/ray, so the workers' Python is that environment.
 
 A lost worker (a node gone, a process killed) fails the worker group; Ray's FailureConfig
-starts it again, up to LAB_RAY_MAX_FAILURES times (default 2), and every worker resumes from
+starts it again, up to the recipe's cluster.max_failures times (default 2), and every worker resumes from
 the run's last complete checkpoint, as RESUME=1 would.
 """
 
@@ -32,13 +32,15 @@ def address(cluster: str | None) -> str | None:
     return chosen.strip() or None
 
 
-def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run: Path, log: Path) -> None:
+def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run: Path, log: Path, spec) -> None:
     """The Ray driver, in Ray's environment, streaming its output (and the workers') to `log` and here."""
     if not RAY_PYTHON.is_file():
         raise LabError(f"CLUSTER={cluster}: Ray's environment {RAY_PYTHON.parent.parent} is missing; `make setup-ray` "
                        "makes it (start every node of the cluster from it: .venv/ray/bin/ray start ...)")
     cmd = [str(RAY_PYTHON), "-m", "lab.raytrain", "--address", cluster, "--workers", str(workers),
-           "--run", str(run), *(["--use-gpu"] if use_gpu else []), "--", *train_argv]
+           "--run", str(run), *(["--use-gpu"] if use_gpu else []), "--cpus-per-worker", str(spec.cpus_per_worker),
+           "--max-failures", str(spec.max_failures), "--storage", spec.storage_path or str(run.parent / ".ray"),
+           "--", *train_argv]
     print(f"train: {workers} Ray Train workers on {cluster}; log: {log}", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
     code = stream(cmd, log, env, cwd=ROOT)
