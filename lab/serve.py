@@ -180,18 +180,28 @@ def engine_args(recipe: Recipe, adapter: str | dict[str, str] | None = None) -> 
             *tool_args(recipe)]
 
 
+SERVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def context_args(recipe: Recipe, model_dir: Path) -> list[str]:
-    """vLLM refuses a max-model-len above the model's own context (serve/cuda.yaml's 4096 over the
-    embedded model's 512 positions): cap it at what the model's config.json allows."""
+    """What the model's config.json fixes. Its own dtype where the vLLM config says `auto`: vLLM
+    downcasts a float32 checkpoint to bfloat16 on CPUs with AVX512-BF16, where SmolLM2 then answered
+    "la femme au martyre, ..." to "What is the capital of France?" (docs/pitfalls.md: served in
+    another dtype). And vLLM refuses a max-model-len above the model's own context (serve/cuda.yaml's
+    4096 over the embedded model's 512 positions): capped at what config.json allows."""
     import yaml
 
     try:
-        want = (yaml.safe_load(serve_config(recipe).read_text(encoding="utf-8")) or {}).get("max-model-len")
+        engine = yaml.safe_load(serve_config(recipe).read_text(encoding="utf-8")) or {}
         config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        want = engine.get("max-model-len")
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return []  # vLLM reads both itself and says what is wrong
-    have = (config.get("text_config") or config).get("max_position_embeddings")
-    return ["--max-model-len", str(have)] if want and have and int(want) > int(have) else []
+    text = config.get("text_config") or config
+    dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype") or "")
+    have = text.get("max_position_embeddings")
+    return [*(["--dtype", dtype] if engine.get("dtype", "auto") == "auto" and dtype in SERVED_DTYPES else []),
+            *(["--max-model-len", str(have)] if want and have and int(want) > int(have) else [])]
 
 
 def serve_argv(recipe: Recipe, model_dir: str, port: int | None = None,

@@ -30,14 +30,19 @@ def test_argv_carries_config_and_template_kwargs():
     assert tools[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
-def test_max_model_len_is_capped_at_the_models_context(embedded_model):
+def test_the_models_own_dtype_and_context(embedded_model, tmp_path):
     from lab.serve import context_args
 
     gpu = load_recipe("identity-lora", hw="cuda", check_train=False)  # serve/cuda.yaml: 4096
-    assert context_args(gpu, embedded_model) == ["--max-model-len", "512"]
-    assert serve_argv(gpu, str(embedded_model))[-2:] == ["--max-model-len", "512"]
-    assert context_args(load_recipe("identity-lora", hw="cpu", check_train=False), embedded_model) == []
+    # the checkpoint's dtype, not vLLM's downcast of float32 (bfloat16 on CPUs that have it)
+    assert context_args(gpu, embedded_model) == ["--dtype", "float32", "--max-model-len", "512"]
+    assert serve_argv(gpu, str(embedded_model))[-4:] == ["--dtype", "float32", "--max-model-len", "512"]
+    cpu = load_recipe("identity-lora", hw="cpu", check_train=False)
+    assert context_args(cpu, embedded_model) == ["--dtype", "float32"]
     assert context_args(gpu, embedded_model / "missing") == []
+    (tmp_path / "engine.yaml").write_text("dtype: bfloat16\n")  # a vLLM config that names one wins
+    mine = load_recipe("identity-lora", [f"serve.config={tmp_path / 'engine.yaml'}"], hw="cpu", check_train=False)
+    assert context_args(mine, embedded_model) == []
 
 
 def test_tensor_parallel_flags_and_the_cpu_engines_core_split(monkeypatch):
