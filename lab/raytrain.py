@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from lab import ROOT
+from lab.device.cluster import NO_CLUSTER
 
 # what the workers inherit from the driver's environment (where the lab keeps things, and how it runs)
 PASSED_ENV = ("LAB_", "HF_", "TRANSFORMERS_", "TRACKIO_", "OMP_NUM_THREADS", "PYTORCH_", "NCCL_", "HIP_", "CUDA_")
-NO_CLUSTER = 3  # the exit code for "nobody answers at that address" (lab/device/cluster.py words it)
 
 
 def _worker(config: dict) -> None:
@@ -37,9 +37,10 @@ def _worker(config: dict) -> None:
     # A worker group Ray started again after a failure resumes from the run's last complete
     # checkpoint (shared storage); the first start begins as the user asked.
     dist.barrier()  # every rank looks before rank 0 can tidy a partial checkpoint
-    resume = config["resume"] or last_complete_checkpoint(Path(config["run"]) / "checkpoints",
-                                                          remove_partial=False) is not None
-    argv = [*config["argv"], *(["--resume"] if resume and "--resume" not in config["argv"] else [])]
+    argv = config["argv"]
+    if "--resume" not in argv and last_complete_checkpoint(Path(config["run"]) / "checkpoints",
+                                                           remove_partial=False) is not None:
+        argv = [*argv, "--resume"]
     # cmd_train itself, not lab.cli.main: Ray runs this in a thread, where signal handlers cannot be set
     args = lab.cli.make_parser().parse_args(["train", *argv])
     args.func(args)
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"argv": [*train_argv, "--run", str(run), "--runtime", "local", "--cluster", ""],
-                           "run": str(run), "address": args.address, "resume": "--resume" in train_argv},
+                           "run": str(run), "address": args.address},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker,
                                                            **({"GPU": 1} if args.use_gpu else {})}),

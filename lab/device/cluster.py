@@ -24,6 +24,7 @@ from lab.device.launch import stream
 from lab.errors import LabError
 
 RAY_PYTHON = ROOT / ".venv" / "ray" / "bin" / "python"
+NO_CLUSTER = 3  # the driver's exit code for "nobody answers at that address"
 
 
 def address(cluster: str | None) -> str | None:
@@ -44,7 +45,7 @@ def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run
     print(f"train: {workers} Ray Train workers on {cluster}; log: {log}", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
     code = stream(cmd, log, env, cwd=ROOT)
-    if code == 3:  # lab/raytrain.py: NO_CLUSTER
+    if code == NO_CLUSTER:
         raise LabError(f"no Ray cluster answers at {cluster}; start one (.venv/ray/bin/ray start --head) or fix "
                        "CLUSTER=")
     if code != 0:
