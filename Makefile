@@ -1,5 +1,5 @@
 # Thin layer over the `lab` CLI: each target is one `lab ...` call. Branching lives in lab/cli.py.
-.PHONY: help setup setup-ray lock bench doctor images fixture train merge serve ask probe load stop adapter key job e2e report runs dashboard compare reproduce lint test test-fast clean
+.PHONY: help setup setup-ray lock bench doctor images ray-node fixture train merge serve ask probe load stop adapter key job e2e report runs dashboard compare reproduce lint test test-fast clean
 
 PYTHON  ?= python3
 HW      ?= auto
@@ -66,7 +66,7 @@ endif
 # no shell parses it and make expands nothing in it ($(value ...)), so Q='$(touch x)', `...`, $,
 # quotes and spaces arrive as typed (lab/cli.py reads them as its arguments' defaults).
 ARG_NAMES := RECIPE HW SET RUN MODEL PORT Q BASE_URL RESUME ADAPTER ADAPTERS SHAPE STEPS PROFILE GPUS DIST A B RUNTIME WHEELS CA_BUNDLE LOCK \
-             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN TARGET CLUSTER IMAGE
+             CONCURRENCY REQUESTS TIME_LIMIT NODES NODE_RANK MAIN TARGET CLUSTER IMAGE HEAD RAY_ARGS STOP
 $(foreach n,$(ARG_NAMES),$(eval export LAB_ARG_$(n) = $$(value $(n))))
 
 help:  ## list targets
@@ -110,8 +110,11 @@ requirements/lock/%.txt:
 lock: $(VENV)/train/.done  ## re-resolve requirements/lock/*.txt after editing the pins (uv; LOCK="train-cpu ..." for some)
 	$(TRAIN_PY) -m lab lock
 
-images: $(VENV)/harness/.done  ## build the training + serving images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
+images: $(VENV)/harness/.done  ## build the training, serving and Ray worker images: make images HW=cpu [WHEELS=dir CA_BUNDLE=pem]
 	$(HARNESS_PY) -m lab images
+
+ray-node: $(VENV)/harness/.done  ## a Ray node in the lab-ray image (host network): the head, or HEAD=host:6379 to join; STOP=1 removes them
+	$(HARNESS_PY) -m lab node
 
 bench: setup  ## TRL defaults vs hand-tuned TRL vs the lab's speed plan: make bench [SHAPE=qwen3-0.6b STEPS=40 PROFILE=1]
 	$(LAB) bench
@@ -122,7 +125,7 @@ doctor: setup  ## what the lab sees here: backend, devices, attention, kernels, 
 fixture: setup  ## build the embedded tiny model (cached by content hash)
 	$(LAB) fixture
 
-train: setup $(if $(CLUSTER)$(RAY_ADDRESS),$(VENV)/ray/.done)  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
+train: setup $(if $(CLUSTER)$(RAY_ADDRESS),$(if $(filter docker,$(RUNTIME)),,$(VENV)/ray/.done))  ## fine-tune: make train HW=cpu RECIPE=identity-lora SET="identity.name=Orion" [GPUS=4 DIST=fsdp2]
 	$(LAB) train
 
 merge: setup  ## merge the latest run's adapter into runs/<id>/merged

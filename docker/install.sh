@@ -3,7 +3,8 @@
 # (requirements/lock/<role>-<pins>.txt, the same file `make setup` installs) -> /opt/lab/venv.
 # The image then proves itself: what training or serving imports must import here, at build
 # time, so a broken image fails at `make images`, not at a user's first run.
-# Usage: install.sh train|serve PINS   (env: TORCH_INDEX_URL, GPU_ARCH)
+# Usage: install.sh train|serve|ray PINS   (env: TORCH_INDEX_URL, GPU_ARCH)
+# ray: over an image's training venv (docker/ray.Dockerfile): the ray lock adds Ray's packages.
 set -eu
 role=$1
 pins=$2
@@ -48,7 +49,7 @@ fi
 # A base that ships torch (pytorch/pytorch) ships the CUDA runtime and Triton it was built with:
 # the lock's copies of those would only shadow them (3 GB of CUDA 13 wheels over a cu126 image).
 # The manifest still compares them against the lock (lab/pins.py drift).
-if [ "$role" = train ] && python3 -c 'import torch' 2>/dev/null; then
+if [ "$role" != serve ] && python3 -c 'import torch' 2>/dev/null; then
   export LAB_LOCK_SKIP='torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+'
   echo "install.sh: the base has torch $(python3 -c 'import torch; print(torch.__version__)'); keeping its CUDA runtime"
 fi
@@ -58,7 +59,8 @@ if [ "$role" = serve ]; then
 else
   # liger-kernel where the lock pins it (GPU images): importing it needs no GPU, only Triton.
   mods="torch, transformers, trl, peft, accelerate, datasets"
-  if grep -q '^liger-kernel==' "$src/requirements/lock/train-$pins.txt"; then mods="$mods, liger_kernel"; fi
+  if grep -q '^liger-kernel==' "$src/requirements/lock/$role-$pins.txt"; then mods="$mods, liger_kernel"; fi
+  if [ "$role" = ray ]; then mods="$mods, ray.train.torch"; fi
   "$venv/bin/python" -c "import $mods; print('image check:', torch.__version__, trl.__version__, peft.__version__)" || {
     echo "install.sh: the training environment does not import ($mods; traceback above)" >&2; exit 1; }
 fi

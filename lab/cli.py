@@ -157,9 +157,6 @@ def cmd_train(args) -> int:
     if cluster := address(args.cluster):  # Ray places the workers: no rendezvous of ours
         if args.node_rank or args.main:
             raise LabError(f"CLUSTER={cluster}: Ray places GPUS x NODES workers itself; drop NODE_RANK and MAIN")
-        if args.runtime == "docker":
-            raise LabError(f"CLUSTER={cluster}: the Ray driver runs from this host's .venv/ray; use RUNTIME=local")
-        args.runtime = "local"
     # before a run directory exists: the accelerate config, and the machines it (or NODES=) names
     topo = topology(args.nodes, args.node_rank, args.main,
                     config_file(args.dist) if args.gpus > 1 or args.nodes or args.dist != "ddp" else None) \
@@ -707,7 +704,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_images(args) -> int:
-    """Build the training and serving images of one hardware from compose.yaml."""
+    """Build the training, serving and Ray worker images of one hardware from compose.yaml."""
     from lab import containers
     from lab.device.hardware import resolve_backend
     from lab.runs import RUNS_DIR
@@ -721,10 +718,68 @@ def cmd_images(args) -> int:
         arch, why = gpu_arch()
         env["GPU_ARCH"] = arch
         print(f"images: GPU_ARCH={arch} ({why})", flush=True)
-    roles = ("train", "serve") if args.role == "all" else (args.role,)
+    roles = ("train", "serve", "ray") if args.role == "all" else (args.role,)
     for role in roles:
         svc = containers.service(f"{role}-{hw}", env)
+        if role == "ray":  # docker/ray.Dockerfile extends the training image
+            train = containers.service(f"train-{hw}", env)
+            containers.ensure_image(train, RUNS_DIR / ".images" / f"{train['name']}.log")
         containers.build(svc, RUNS_DIR / ".images" / f"{svc['name']}.log", nocache=args.no_cache)
+    return 0
+
+
+def cmd_node(args) -> int:
+    """A Ray cluster node in the lab-ray image of this host's hardware (host networking, the lab's
+    mounts): the head, or a worker joining HEAD; STOP=1 removes this checkout's nodes."""
+    import socket
+    import time
+
+    from lab import containers, runs
+    from lab.device.hardware import resolve_backend
+    from lab.runtime import Docker
+
+    backend = resolve_backend(args.hw)
+    port = _port(args) or 6379
+    try:
+        extra = shlex.split(args.ray_args or "")
+    except ValueError as e:
+        raise LabError(f"RAY_ARGS={args.ray_args!r}: {e}") from None
+    if args.head and not args.stop:  # the node shares this host's network: a head silent here is silent there
+        host, _, head_port = args.head.rpartition(":")
+        if not host or not head_port.isdigit():
+            raise LabError(f"HEAD={args.head!r}: give the head's address as host:port (port 6379 unless PORT= "
+                           "moved it)")
+        try:
+            socket.create_connection((host.strip("[]"), int(head_port)), timeout=10).close()
+        except OSError as e:
+            raise LabError(f"HEAD={args.head}: no Ray head answers there ({e.strerror or e}); start it first "
+                           "(`make ray-node` on that machine)") from None
+    rt = Docker(backend, [])
+    if args.stop:
+        gone = [containers.remove(c, timeout=30) for c in containers.lab_containers(**{containers.NODE_LABEL: "ray"})]
+        print(f"node: {len(gone)} Ray node container(s) removed")
+        return 0
+    role = f"worker of {args.head}" if args.head else f"head on port {port}"
+    start = ["start", "--block", "--disable-usage-stats",
+             *(["--address", args.head] if args.head else ["--head", "--port", str(port)]), *extra]
+    rt.service("train")  # the lab-ray image is built over it
+    svc = rt.service("ray")
+    rt._writable(runs.RUNS_DIR, rt.cache_dir, rt.cache_dir / "lab")  # the workers write runs and caches
+    log = runs.RUNS_DIR / ".nodes" / (f"worker-{args.head.replace(':', '-')}.log" if args.head else f"head-{port}.log")
+    container = containers.start({**svc, "entrypoint": ["ray"], "command": start}, log, network="host",
+                                 labels={containers.NODE_LABEL: "ray"})
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        st = containers.state(container.id)
+        if not st.get("Running") or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            containers.remove(container, timeout=5)
+            raise LabError(f"the Ray {role} did not start ({tail[0][:200]}); log: {log}")
+        time.sleep(0.5)
+    print(f"node: Ray {role} in {svc['image']} (container {container.short_id}); log: {log}")
+    if not args.head:
+        print(f"node: other nodes join with `make ray-node HEAD=<this host>:{port}`; train with `make train "
+              "RUNTIME=docker CLUSTER=ray://<this host>:10001`")
     return 0
 
 
@@ -900,11 +955,16 @@ COMMANDS = {
         _flag("--method", default="both", choices=("both", "lora", "full")),
         _flag("--profile", action="store_true", env_flag="PROFILE",
               help="torch.profiler over 3 steady steps of each arm: the top operators by self time, in the JSON")]),
-    "images": (cmd_images, "build the training and serving images of one hardware (compose.yaml)", ("hw",), [
-        _flag("--role", default="all", choices=("all", "train", "serve")),
+    "images": (cmd_images, "build the training, serving and Ray images of one hardware (compose.yaml)", ("hw",), [
+        _flag("--role", default="all", choices=("all", "train", "serve", "ray")),
         _flag("--no-cache", action="store_true", help="rebuild every layer"),
         _flag("--wheels", env=("WHEELS",), help="a directory of wheels pip may use in the build (offline hosts)"),
         _flag("--ca-bundle", env=("CA_BUNDLE",), help="extra CA certificates (PEM) for TLS-intercepting proxies")]),
+    "node": (cmd_node, "a Ray cluster node in the lab-ray image: the head, or a worker of HEAD (host network; "
+                       "STOP=1 removes them)", ("hw", "port"), [
+        _flag("--head", env=("HEAD",), help="the head's address (host:6379) to join; absent: start the head"),
+        _flag("--ray-args", env=("RAY_ARGS",), help='more `ray start` flags, e.g. "--num-gpus 8"'),
+        _flag("--stop", action="store_true", env_flag="STOP", help="remove this checkout's Ray node containers")]),
     "report": (cmd_report, "rewrite a run's report from its artifacts", ("run",), []),
     "dashboard": (cmd_dashboard, "trackio's dashboard of every run that reports to trackio, on 127.0.0.1 (PORT=, "
                                  "default 7860)", ("port",), []),

@@ -25,6 +25,7 @@ from lab.errors import LabError
 COMPOSE_FILE = ROOT / "compose.yaml"
 LABEL = "org.lab.service"  # every container the lab starts carries it (cleanup finds them)
 RUNS_LABEL = "org.lab.runs"  # and the runs directory it belongs to: `make stop` sweeps only its own
+NODE_LABEL = "org.lab.node"  # on Ray cluster nodes (`make ray-node`; STOP=1 removes them)
 
 
 def runs_label() -> str:
@@ -379,11 +380,11 @@ def ensure_image(svc: dict, log: Path) -> None:
         build(svc, log)
 
 
-def _pump_logs(container, log: Path, echo: bool) -> threading.Thread:
-    """Copy the container's output into `log` (and stdout) until it exits."""
+def _pump_logs(container, log: Path | None, echo: bool) -> threading.Thread:
+    """Copy the container's output into `log` (if any) and stdout until it exits."""
 
     def pump():
-        with log.open("ab") as out:
+        with log.open("ab") if log else open(os.devnull, "wb") as out:
             for chunk in container.logs(stream=True, follow=True):
                 out.write(chunk)
                 out.flush()
@@ -395,16 +396,18 @@ def _pump_logs(container, log: Path, echo: bool) -> threading.Thread:
     return thread
 
 
-def run(svc: dict, command: list[str], log: Path, labels: dict[str, str] | None = None) -> int:
-    """Run one command in a fresh container of the service, echoing its output; always removed
-    (Ctrl-C, SIGTERM and SIGHUP included; after a kill -9 of the lab, `labels` find it again)."""
+def run(svc: dict, command: list[str], log: Path | None, labels: dict[str, str] | None = None) -> int:
+    """Run one command in a fresh container of the service, echoing its output (and keeping it in
+    `log`, unless the command writes its own); always removed (Ctrl-C, SIGTERM and SIGHUP included;
+    after a kill -9 of the lab, `labels` find it again)."""
     kw = run_kwargs(svc, command, run_network())
     kw["labels"].update(labels or {})
     # what the run's manifest records as "container": the image and its exact id
     kw["environment"].update(LAB_IMAGE=svc["image"], LAB_IMAGE_ID=client().images.get(svc["image"]).id)
     container = client().containers.create(**kw)
     try:
-        log.parent.mkdir(parents=True, exist_ok=True)
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
         container.start()
         pump = _pump_logs(container, log, echo=True)
         code = container.wait()["StatusCode"]
@@ -414,10 +417,12 @@ def run(svc: dict, command: list[str], log: Path, labels: dict[str, str] | None 
         remove(container)
 
 
-def start(svc: dict, log: Path):
-    """Start the service detached (a server); the caller waits for health and stops it. A start
-    the engine refuses (port allocated, no GPU runtime, no /dev/kfd) leaves no container behind."""
-    container = client().containers.create(**run_kwargs(svc, None, run_network()))
+def start(svc: dict, log: Path, network: str | None = None, labels: dict[str, str] | None = None):
+    """Start the service detached (a server, a Ray node); the caller waits for health and stops it.
+    A start the engine refuses (port allocated, no GPU runtime, no /dev/kfd) leaves no container behind."""
+    kw = run_kwargs(svc, None, network or run_network())
+    kw["labels"].update(labels or {})
+    container = client().containers.create(**kw)
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")

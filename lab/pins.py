@@ -127,6 +127,12 @@ def _compile(name: str, spec: dict, out: Path) -> None:
             links = os.environ.get("PIP_FIND_LINKS", "").split()
             for link in links:
                 args += ["--find-links", link]
+        if over := spec.get("over"):
+            # An environment installed over another one (Ray over a training image): that lock's
+            # versions as constraints, so the install adds packages and never moves one.
+            pins = "".join(f"{n}=={v}\n" for n, v in read_pins(LOCKS / f"{over}.txt").items())
+            (Path(tmp) / "over.txt").write_text(pins)
+            args += ["--constraint", str(Path(tmp) / "over.txt")]
         raw = Path(tmp) / "out.txt"
         if out.is_file():  # the current lock as preferences: nothing moves unless it must
             shutil.copy(out, raw)
@@ -150,6 +156,8 @@ def _compile(name: str, spec: dict, out: Path) -> None:
                 raise LabError(f"locking {name} failed on {extra}: {done.stderr.strip()}")
             body += re.sub(r"# via -r .*", f"# via requirements/{extra} (data only: its dependencies are left out)",
                            done.stdout)
+        if over:  # the constraint's temporary path, as the lock it came from
+            body = body.replace(str(Path(tmp) / "over.txt"), f"requirements/lock/{over}.txt")
         body = body.replace(str(REQUIREMENTS) + "/", "requirements/")
     if missing := unhashed(body):
         raise LabError(f"locking {name}: no hash for {', '.join(missing)} (neither an index nor pip's find-links "

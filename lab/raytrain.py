@@ -1,7 +1,7 @@
 """The Ray Train driver of `lab train --cluster` (lab/device/cluster.py starts it with Ray's
-environment, .venv/ray): connect to the cluster, run a `TorchTrainer` whose workers each run one
-rank's `lab train`, in the process group Ray sets up; a worker group Ray starts again after a
-failure resumes from the run's last complete checkpoint.
+environment: .venv/ray, or the lab-ray image's own): connect to the cluster, run a
+`TorchTrainer` whose workers each run one rank's `lab train`, in the process group Ray sets up;
+a worker group Ray starts again after a failure resumes from the run's last complete checkpoint.
 
     .venv/ray/bin/python -m lab.raytrain --address ray://head:10001 --workers N --run RUN -- TRAIN_ARGS
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lab import ROOT
-from lab.device.cluster import NO_CLUSTER
+from lab.device.cluster import NO_CLUSTER, NO_LAB
 
 # what the workers inherit from the driver's environment (where the lab keeps things, and how it runs)
 PASSED_ENV = ("LAB_", "HF_", "TRANSFORMERS_", "TRACKIO_", "OMP_NUM_THREADS", "PYTORCH_", "NCCL_", "HIP_", "CUDA_")
@@ -90,7 +90,15 @@ def main(argv: list[str]) -> int:
         run_config=RunConfig(name=run.name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        # _worker's first import: nodes started from another environment (or image) than the
+        # driver's have no lab at ROOT (each failed start of the group says so; Ray retries first)
+        if "No module named 'lab'" in f"{e} {e.__cause__}":
+            print(f"lab.raytrain: the workers cannot import the lab from {ROOT}", file=sys.stderr)
+            return NO_LAB
+        raise
     return 0
 
 

@@ -211,20 +211,25 @@ class Docker:
             if os.getuid() == 0:
                 os.chown(d, *container_user())
 
-    def lab(self, *argv: str, log: Path, run: Path | None = None) -> None:
-        """`python -m lab ARGV` in the training container (labelled with the run it works on)."""
+    def lab(self, *argv: str, log: Path, run: Path | None = None, role: str = "train", own_log: bool = False) -> None:
+        """`python -m lab ARGV` in the training container (role ray: the lab-ray image's), labelled
+        with the run it works on; its output goes to `log`, unless the command writes it (own_log:
+        a launcher's, whose output is that log)."""
         self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab")
         for cache in (self.hf_home, hf_hub_cache()):  # a new HF cache for downloads; an existing one keeps its owner
             if not cache.exists():
                 self._writable(cache)
-        svc = self.service("train")
+        if role == "ray":  # built over the training image
+            self.service("train")
+        svc = self.service(role)
         if run is not None:
             alive = self.c.lab_containers(**{RUN_LABEL: str(run.resolve())})
             if alive:  # its lab command was killed (kill -9), the container was not
                 raise LabError(f"a container still works on {run.name} ({alive[0].short_id}, left by an interrupted "
                                f"lab command); `docker rm -f {alive[0].short_id}` before running it again")
         print(f"docker: {svc['image']}: lab {' '.join(argv)}", flush=True)
-        code = self.c.run(svc, list(argv), log, labels={RUN_LABEL: str(run.resolve())} if run else None)
+        code = self.c.run(svc, list(argv), None if own_log else log,
+                          labels={RUN_LABEL: str(run.resolve())} if run else None)
         if code != 0:
             raise LabError(f"`lab {argv[0]}` in the {svc['image']} container exited with {code} (log: {log})")
 
@@ -247,15 +252,20 @@ class Docker:
             out.unlink(missing_ok=True)
 
     def train(self, recipe: Recipe, run: Path, resume: bool = False, gpus: int = 1, dist: str = "ddp",
-              topo=None) -> None:
+              topo=None, cluster: str | None = None) -> None:
         self.mount_inputs(recipe)
         self._writable(run)
+        if cluster:  # the Ray driver in the lab-ray image, whose workers (nodes of that image) see the same paths
+            self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
+                     *(["--resume"] if resume else []), "--gpus", str(gpus), "--cluster", cluster,
+                     log=run / "train.log", run=run, role="ray", own_log=True)
+            return
         nodes = ["--nodes", str(topo.nodes), "--node-rank", str(topo.node_rank), "--main", topo.address] \
             if topo and topo.nodes > 1 else []  # the container must reach node 0 (LAB_DOCKER_NETWORK=host)
         self.lab("train", *self.recipe_argv, "--run", self.c.to_container(self.spec("train"), run),
                  *(["--resume"] if resume else []),
                  *(["--gpus", str(gpus), "--dist", dist] if gpus > 1 or nodes else []), *nodes,
-                 log=run / "train.log", run=run)
+                 log=run / "train.log", run=run, own_log=gpus > 1 or bool(nodes))  # accelerate's launcher writes it
 
     def merge(self, run: Path) -> Path:
         from lab.recipe import load_saved

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from lab.cli import main
 from lab.recipe import RECIPES_DIR, load_recipe
@@ -266,10 +267,11 @@ CASES = [
                                              "--node-rank", "1"],
      "lab train: error: CLUSTER=ray://10.0.0.1:10001: Ray places GPUS x NODES workers itself; drop NODE_RANK and "
      "MAIN"),
-    ("cluster-in-docker", lambda t, r: ["train", "--hw", "cpu", "--cluster", "ray://10.0.0.1:10001", "--runtime",
-                                        "docker"],
-     "lab train: error: CLUSTER=ray://10.0.0.1:10001: the Ray driver runs from this host's .venv/ray; use "
-     "RUNTIME=local"),
+    ("node-head-not-an-address", lambda t, r: ["node", "--hw", "cpu", "--head", "10.0.0.1"],
+     "lab node: error: HEAD='10.0.0.1': give the head's address as host:port (port 6379 unless PORT= moved it)"),
+    ("node-head-silent", lambda t, r: ["node", "--hw", "cpu", "--head", f"127.0.0.1:{free_port()}"], None),
+    ("node-ray-args-quote", lambda t, r: ["node", "--hw", "cpu", "--ray-args", "--num-cpus 'x"],
+     "lab node: error: RAY_ARGS=\"--num-cpus 'x\": No closing quotation"),
     ("dist-unknown", lambda t, r: ["train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9"],
      f"lab train: error: DIST='zero9': no accelerate config {RECIPES_DIR}/accelerate/zero9.yaml; shipped: "
      "ddp, fsdp2, zero3, or a path to your own"),

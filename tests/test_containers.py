@@ -37,9 +37,9 @@ def test_interpolation_follows_compose():
     assert containers.interpolate("$${SET}-${V}", {"SET": "x", "V": "${SET}"}) == "${SET}-${SET}"
 
 
-def test_every_hardware_has_a_train_and_a_serve_service():
+def test_every_hardware_has_a_train_a_serve_and_a_ray_service():
     services = containers.services()
-    assert set(services) == {f"{role}-{hw}" for role in ("train", "serve") for hw in HW}
+    assert set(services) == {f"{role}-{hw}" for role in ("train", "serve", "ray") for hw in HW}
     for name, svc in services.items():
         assert svc["profiles"] == [name.split("-")[1]]
 
@@ -53,7 +53,7 @@ def test_lab_reads_compose_as_docker_compose_does(hw, tmp_path):
                          env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     theirs = json.loads(out.stdout)["services"]
-    assert set(theirs) == {f"train-{hw}", f"serve-{hw}"}
+    assert set(theirs) == {f"train-{hw}", f"serve-{hw}", f"ray-{hw}"}
     for name, their in theirs.items():
         ours = containers.run_kwargs(containers.service(name, env))
         assert ours["image"] == their["image"]
@@ -88,20 +88,26 @@ def _bytes(size: str) -> int:
 
 def test_hardware_specific_settings():
     kw = {name: containers.run_kwargs(containers.service(name)) for name in containers.services()}
-    for role in ("train", "serve"):
+    for role in ("train", "serve", "ray"):
         cuda, rocm, cpu = kw[f"{role}-cuda"], kw[f"{role}-rocm"], kw[f"{role}-cpu"]
         (gpu,) = cuda["device_requests"]
         assert gpu["Driver"] == "nvidia" and gpu["Count"] == -1 and gpu["Capabilities"] == [["gpu"]]
         assert rocm["devices"] == ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"]
         assert rocm["group_add"][0] == "video"
         assert rocm["security_opt"] == ["no-new-privileges:true", "seccomp=unconfined"]
-        assert rocm["ipc_mode"] == "host"  # AMD's documented setting; CUDA uses shm_size instead
+        assert rocm["ipc_mode"] == "host" and "shm_size" not in rocm  # AMD's documented setting; CUDA: shm_size
         assert "ipc_mode" not in cuda and cuda["shm_size"] == "16g"
         for key in ("device_requests", "devices", "group_add"):
             assert key not in cpu
         for svc in (cuda, rocm, cpu):
             assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
     assert kw["train-rocm"]["environment"]["TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"] == "1"
+    # Ray's worker image runs the training image's lab: the same entrypoint, user, mounts and environment
+    for hw in HW:
+        train, ray = kw[f"train-{hw}"], kw[f"ray-{hw}"]
+        for key in ("entrypoint", "user", "volumes", "environment", "devices", "group_add", "device_requests"):
+            assert ray.get(key) == train.get(key), (hw, key)
+    assert kw["ray-cpu"]["shm_size"] == "2g"  # Ray's object store: more than Docker's 64 MiB of /dev/shm
     assert kw["serve-rocm"]["environment"]["VLLM_ROCM_USE_AITER"] == "0"
     assert kw["serve-cpu"]["shm_size"] == "1g"
     # the render group is the host's number, taken from /dev/kfd by the runtime
@@ -171,7 +177,7 @@ def test_unmapped_compose_keys_are_refused(tmp_path, monkeypatch):
 
 def test_dockerfiles_are_hadolint_clean():
     files = sorted(str(p) for p in (ROOT / "docker").glob("*.Dockerfile"))
-    assert len(files) == 2
+    assert len(files) == 3  # train, serve, ray
     out = subprocess.run([str(BIN / "hadolint"), *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -179,8 +185,12 @@ def test_dockerfiles_are_hadolint_clean():
 def test_dockerfiles_take_their_base_as_argument_and_run_as_non_root():
     for dockerfile in (ROOT / "docker").glob("*.Dockerfile"):
         text = dockerfile.read_text()
-        assert text.split("FROM", 1)[0].count("ARG BASE_IMAGE=") == 1
         froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM")]
+        if dockerfile.name == "ray.Dockerfile":  # over the training image: root only to install, then its user
+            assert text.split("FROM", 1)[0].count("ARG TRAIN_IMAGE=") == 1 and froms == ["${TRAIN_IMAGE}"]
+            assert re.findall(r"^USER (\S+)", text, re.M) == ["0", "${LAB_UID}"] and "ARG LAB_UID=1000" in text
+            continue
+        assert text.split("FROM", 1)[0].count("ARG BASE_IMAGE=") == 1
         assert froms[0] == "${BASE_IMAGE}" and set(froms) == {"${BASE_IMAGE}", "base", "scratch"}
         assert re.findall(r"^USER (\S+)", text, re.M) == ["${LAB_UID}"] and "ARG LAB_UID=1000" in text
 
@@ -193,6 +203,9 @@ def test_images_install_the_same_pins_as_make_setup():
         role, hw = name.split("-")
         assert svc["build"]["args"]["PINS"] == hw and svc["build"]["dockerfile"] == f"docker/{role}.Dockerfile"
         assert (ROOT / "requirements" / f"{role}-{hw}.txt").is_file()
+        if role == "ray":  # installed over that hardware's training image
+            assert svc["build"]["args"]["TRAIN_IMAGE"] == services[f"train-{hw}"]["image"]
+            assert f"-r train-{hw}.txt" in (ROOT / "requirements" / f"ray-{hw}.txt").read_text()
     # bases that already carry the pinned package must carry exactly the pinned version
     assert services["train-cuda"]["build"]["args"]["BASE_IMAGE"].startswith(
         f"pytorch/pytorch:{pin('train-cuda.txt', 'torch')}-")

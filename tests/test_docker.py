@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def engine():
 @pytest.fixture(scope="module")
 def images(engine):
     """The CPU images, built from compose.yaml if missing (.ci/run builds them first, timed)."""
-    for name in ("train-cpu", "serve-cpu"):
+    for name in ("train-cpu", "serve-cpu", "ray-cpu"):  # ray-cpu: over train-cpu
         svc = containers.service(name)
         containers.ensure_image(svc, ROOT / "runs" / ".images" / f"{name}.log")
     return engine
@@ -267,3 +268,81 @@ def test_several_adapters_behind_one_serving_container(images, identity_run):
     finally:
         run_lab("stop", env=env, timeout=120)
     shutil.rmtree(again)
+
+
+def test_a_ray_cluster_of_lab_images_trains_as_two_processes(images, hub_model, tmp_path, monkeypatch):
+    """The lab-ray image as Ray's worker image: a head and a worker node, each a container of it
+    (`make ray-node`, one CPU each, as on two machines), and `make train CLUSTER= RUNTIME=docker`,
+    whose driver runs in a third: the losses and weights of the 2-process accelerate run here. A
+    driver from this host's .venv/ray against those nodes (another lab path) is refused in one line."""
+    from conftest import run_lab
+
+    from lab import runs
+
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, **hub_model["env"], "LAB_RUNS": str(runs_dir)}
+    env.pop("LAB_RUNTIME", None)  # the Makefile's RUNTIME decides
+    monkeypatch.setattr(runs, "RUNS_DIR", runs_dir)  # this checkout's containers, for this runs/
+
+    def make(*args, timeout=600):
+        r = subprocess.run(["make", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        return r
+
+    gcs, client = free_port(), free_port()
+    one_cpu = "--num-cpus 1 --node-ip-address 127.0.0.1"
+    try:
+        r = make("ray-node", "HW=cpu", f"PORT={gcs}",
+                 f"RAY_ARGS={one_cpu} --ray-client-server-port {client} --include-dashboard false")
+        assert f"Ray head on port {gcs} in lab-ray:cpu" in r.stdout
+        r = make("ray-node", "HW=cpu", f"HEAD=127.0.0.1:{gcs}", f"RAY_ARGS={one_cpu}")
+        assert f"Ray worker of 127.0.0.1:{gcs} in lab-ray:cpu" in r.stdout
+        nodes = containers.lab_containers(**{containers.NODE_LABEL: "ray"})
+        assert len(nodes) == 2 and all(n.attrs["HostConfig"]["NetworkMode"] == "host" for n in nodes)
+        count = ("import ray; ray.init(address='auto', logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        for _ in range(60):
+            out = nodes[0].exec_run(["python", "-c", count]).output.decode().strip().splitlines()
+            if out and out[-1] == "2":
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the two Ray nodes never joined: {out}")
+
+        cluster = f"ray://127.0.0.1:{client}"
+        settings = (f"model.path={hub_model['id']} deterministic=true train.num_train_epochs=2 "
+                    "train.logging_steps=2 train.save_steps=2")
+        r = subprocess.run(["make", "train", "HW=cpu", "RUNTIME=docker", f"CLUSTER={cluster}", "NODES=2",
+                            "RUN=ray-docker", f"SET={settings}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=1200)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "runtime docker" in r.stdout and "lab-ray:cpu" in r.stdout and f"2 Ray Train workers on {cluster}" \
+            in r.stdout
+        ray_run = runs_dir / "ray-docker"
+        m = json.loads((ray_run / "manifest.json").read_text())
+        assert m["distributed"] == {"processes": 2, "accelerate_config": None, "type": "MULTI_CPU", "nodes": 2,
+                                    "engine": "ray", "cluster": cluster, "workers": 2}
+        assert m["environment"]["container"]["image"] == "lab-ray:cpu"
+        assert m["environment"]["lock"]["name"] == "ray-cpu" and m["environment"]["lock"]["matches"]
+
+        # a driver whose lab lives elsewhere (this checkout) than the nodes' (/opt/lab/app): one line
+        bad = run_lab("train", "--hw", "cpu", "--runtime", "local", "--set", f"{settings} cluster.max_failures=0",
+                      "--cluster", cluster,
+                      "--nodes", "2", env={"LAB_RUNS": str(runs_dir), **hub_model["env"]}, timeout=600)
+        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("lab train: error: the workers "
+                                                                                     f"on {cluster} cannot import"), \
+            bad.stderr[-3000:]
+    finally:
+        r = subprocess.run(["make", "ray-node", "HW=cpu", "STOP=1"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert "node: 2 Ray node container(s) removed" in r.stdout, r.stdout + r.stderr
+
+    r = run_lab("train", "--hw", "cpu", "--runtime", "local", "--set", settings, "--gpus", "2", "--run", "ddp",
+                env={"LAB_RUNS": str(runs_dir), **hub_model["env"]}, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    losses = [[e["loss"] for e in map(json.loads, (runs_dir / run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in e] for run in ("ray-docker", "ddp")]
+    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    assert (ray_run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (runs_dir / "ddp" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert not images.containers.list(all=True, filters={"label": containers.LABEL})

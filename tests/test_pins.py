@@ -42,6 +42,16 @@ def test_cpu_locks_never_take_the_cuda_torch_and_the_cuda_lock_does():
     assert "# Python 3.12," in (pins.LOCKS / "train-cuda.txt").read_text()
 
 
+@pytest.mark.parametrize("hw", ["cpu", "cuda", "rocm"])
+def test_each_ray_lock_is_its_training_lock_plus_ray(hw):
+    """lab-ray:<hw> installs ray-<hw> over the training image's venv: every version the training
+    lock pins stays (locks.yaml `over`), and only Ray and what it needs come in."""
+    train, ray = (pins.read_pins(pins.LOCKS / f"{n}-{hw}.txt") for n in ("train", "ray"))
+    assert pins.table()[f"ray-{hw}"]["over"] == f"train-{hw}"
+    assert {k: ray[k] for k in train} == train
+    assert ray["ray"] == "2.60.0" and {"grpcio", "msgpack", "protobuf"} <= set(ray) - set(train)
+
+
 def test_the_cuda12_lock_is_the_cuda_lock_on_a_cuda_12_torch():
     """CUDA=12 (drivers older than 580, V100s): PyTorch 2.9 with CUDA 12 runtime wheels, and the
     training libraries of the CUDA 13 lock, version for version."""

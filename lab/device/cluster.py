@@ -6,8 +6,10 @@ very `lab train` that accelerate launch would run as one rank. Rank 0 writes the
 
 What the nodes share, at the same paths: the lab's checkout (each worker imports `lab` from it:
 PYTHONPATH in the workers' runtime environment), runs/ (the run and its checkpoints: where a
-restarted worker group resumes from) and the model cache. Every node's `ray start` runs from
-.venv/ray, so the workers' Python is that environment.
+restarted worker group resumes from) and the model cache. Either every node's `ray start` runs
+from .venv/ray and the driver runs here (RUNTIME=local), or every node runs the lab-ray image
+(docker/ray.Dockerfile: the training image plus Ray) and the driver runs in a container of it
+(RUNTIME=docker), where the checkout is /opt/lab/app and runs/ and the caches are compose's mounts.
 
 A lost worker (a node gone, a process killed) fails the worker group; Ray's FailureConfig
 starts it again, up to the recipe's cluster.max_failures times (default 2), and every worker resumes from
@@ -17,6 +19,7 @@ the run's last complete checkpoint, as RESUME=1 would.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from lab import ROOT
@@ -25,6 +28,17 @@ from lab.errors import LabError
 
 RAY_PYTHON = ROOT / ".venv" / "ray" / "bin" / "python"
 NO_CLUSTER = 3  # the driver's exit code for "nobody answers at that address"
+NO_LAB = 4      # ... for "the cluster's workers cannot import the lab"
+
+
+def ray_python() -> Path | None:
+    """The driver's interpreter: this one where Ray is installed (the lab-ray image, where
+    RUNTIME=docker runs the driver), else .venv/ray; None if neither exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        return Path(sys.executable)
+    return RAY_PYTHON if RAY_PYTHON.is_file() else None
 
 
 def address(cluster: str | None) -> str | None:
@@ -35,10 +49,12 @@ def address(cluster: str | None) -> str | None:
 
 def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run: Path, log: Path, spec) -> None:
     """The Ray driver, in Ray's environment, streaming its output (and the workers') to `log` and here."""
-    if not RAY_PYTHON.is_file():
+    python = ray_python()
+    if python is None:
         raise LabError(f"CLUSTER={cluster}: Ray's environment {RAY_PYTHON.parent.parent} is missing; `make setup-ray` "
-                       "makes it (start every node of the cluster from it: .venv/ray/bin/ray start ...)")
-    cmd = [str(RAY_PYTHON), "-m", "lab.raytrain", "--address", cluster, "--workers", str(workers),
+                       "makes it (start every node of the cluster from it: .venv/ray/bin/ray start ...), or "
+                       "RUNTIME=docker runs the driver in the lab-ray image")
+    cmd = [str(python), "-m", "lab.raytrain", "--address", cluster, "--workers", str(workers),
            "--run", str(run), *(["--use-gpu"] if use_gpu else []), "--cpus-per-worker", str(spec.cpus_per_worker),
            "--max-failures", str(spec.max_failures), "--storage", spec.storage_path or str(run.parent / ".ray"),
            "--", *train_argv]
@@ -48,5 +64,9 @@ def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run
     if code == NO_CLUSTER:
         raise LabError(f"no Ray cluster answers at {cluster}; start one (.venv/ray/bin/ray start --head) or fix "
                        "CLUSTER=")
+    if code == NO_LAB:
+        raise LabError(f"the workers on {cluster} cannot import the lab from {ROOT}: start the cluster's nodes from "
+                       "this checkout's .venv/ray (RUNTIME=local) or from the lab-ray image (RUNTIME=docker), as "
+                       "the driver runs")
     if code != 0:
         raise LabError(f"training on the Ray cluster {cluster} failed (exit {code}); see {log}")
