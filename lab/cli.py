@@ -223,6 +223,16 @@ def _train_on_node(args, topo) -> int:
         recipe, run = _recipe(args, check_train=True), Path(tempfile.mkdtemp(prefix="lab-node-"))
     try:
         _runtime(args, recipe).train(recipe, run, resume=args.resume, gpus=args.gpus, dist=args.dist, topo=topo)
+    except LabError as e:
+        if args.resume or not (run / "train.log").is_file():
+            raise
+        from lab.runs import RUNS_DIR
+
+        # the scratch directory goes; its log is what the error points to
+        kept = RUNS_DIR / ".failed" / f"{run.name}-node{topo.node_rank}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / "train.log", kept)
+        raise LabError(str(e).replace(str(run / "train.log"), str(kept))) from None
     finally:
         if not args.resume:
             shutil.rmtree(run, ignore_errors=True)

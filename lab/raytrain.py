@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lab import ROOT
-from lab.device.cluster import NO_CLUSTER, NO_LAB
+from lab.device.cluster import NO_CLUSTER, NO_LAB, NOT_PLACED
 
 # what the workers inherit from the driver's environment (where the lab keeps things, and how it runs)
 PASSED_ENV = ("LAB_", "HF_", "TRANSFORMERS_", "TRACKIO_", "OMP_NUM_THREADS", "PYTORCH_", "NCCL_", "HIP_", "CUDA_")
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--max-failures", type=int, default=2)
+    parser.add_argument("--join-timeout", type=float, default=600)
     parser.add_argument("--storage", required=True)
     parser.add_argument("train_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -72,6 +73,10 @@ def main(argv: list[str]) -> int:
     # Ray Train routes print() through its logger, which also catches the disassembly dill prints
     # into a buffer it means to read (datasets' hashing): hundreds of lines per worker in train.log
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # How long a worker group may wait for its workers' resources (nodes joining, an autoscaler),
+    # once: Ray's controller otherwise retries the start forever (controller_failure_limit below).
+    # It runs on the cluster, so it reads this from the job's environment, not from ours.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(args.join_timeout)
     try:
         ray.init(address=args.address, runtime_env={"env_vars": env}, log_to_driver=True,
                  logging_level="WARNING")
@@ -88,7 +93,8 @@ def main(argv: list[str]) -> int:
                                                            **({"GPU": 1} if args.use_gpu else {})}),
         # Ray's own records of the run (its controller state), on storage every node shares
         run_config=RunConfig(name=run.name, storage_path=args.storage,
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
+                             failure_config=FailureConfig(max_failures=args.max_failures,
+                                                          controller_failure_limit=0)),
     )
     try:
         trainer.fit()
@@ -98,6 +104,12 @@ def main(argv: list[str]) -> int:
         if "No module named 'lab'" in f"{e} {e.__cause__}":
             print(f"lab.raytrain: the workers cannot import the lab from {ROOT}", file=sys.stderr)
             return NO_LAB
+        if "worker group startup timed out" in f"{e} {e.__cause__}":
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            total = ray.cluster_resources()
+            print(f"lab.raytrain: cluster has {len(alive)} node(s), {total.get('CPU', 0):g} CPU, "
+                  f"{total.get('GPU', 0):g} GPU", flush=True)
+            return NOT_PLACED
         raise
     return 0
 

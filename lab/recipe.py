@@ -165,7 +165,13 @@ class ServeSpec(Section):
 
 
 class ClusterSpec(Section):
-    """Training on a Ray cluster (make train CLUSTER=): Ray Train's scaling, storage and failures."""
+    """Training on several machines: how long they may take to come together (NODES= under
+    accelerate, or a Ray cluster), and on a Ray cluster (make train CLUSTER=) Ray Train's scaling,
+    storage and failures."""
+    join_timeout_s: int = Field(600, gt=0, description="how long the machines may take to join: NODES= under "
+                                "accelerate, node 0 waits for the others and they for it (torch's static rendezvous "
+                                "timeout); on Ray, until the cluster places every worker. Then the run fails in one "
+                                "line")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves for each worker, beside its GPU "
                                    "(ScalingConfig.resources_per_worker)")
     storage_path: str | None = Field(None, description="where Ray Train keeps its records of each run, a directory "

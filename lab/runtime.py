@@ -91,7 +91,7 @@ class Local:
 
             self.base_model(recipe)  # build or download it once, not in every process
             launch([*self.recipe_argv, "--run", str(run), "--runtime", "local", *(["--resume"] if resume else [])],
-                   gpus, dist, run / "train.log", topo or Topology())
+                   gpus, dist, run / "train.log", topo or Topology(), recipe.cluster.join_timeout_s)
             return
         from lab.device.launch import is_main_process
         from lab.train import last_complete_checkpoint, train

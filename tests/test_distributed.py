@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, free_port, run_lab
@@ -62,3 +63,30 @@ def test_an_unknown_distribution_config_is_one_line(runs_dir):
     r = run_lab("train", "--hw", "cpu", "--gpus", "2", "--dist", "zero9", "--run", "bad", "--set", TINY, timeout=300)
     assert r.returncode == 2 and "DIST='zero9'" in r.stderr and "ddp, fsdp2, zero3" in r.stderr
     assert "Traceback" not in r.stderr and not runs_dir.exists()
+
+
+def test_a_machine_that_never_joins_is_one_line_after_the_join_timeout(runs_dir, embedded_model):
+    """NODES=2 with one machine missing: node 0 alone waits cluster.join_timeout_s for the other,
+    a node 1 alone as long for node 0; each then fails in one line that says which, its log kept."""
+    short = f"{TINY} cluster.join_timeout_s=10"
+    alone = {rank: subprocess.Popen([sys.executable, "-m", "lab", "train", "--hw", "cpu", "--set", short, "--nodes",
+                                     "2", "--node-rank", str(rank), "--main", f"127.0.0.1:{free_port()}"],
+                                    cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for rank in (0, 1)}
+    said = {rank: p.communicate(timeout=600) for rank, p in alone.items()}
+    for rank, (out, err) in said.items():
+        assert alone[rank].returncode == 2 and "Traceback" not in err, out[-2000:] + err[-2000:]
+        (line,) = err.strip().splitlines()
+        assert line.startswith("lab train: error: "), line
+        kept = Path(line.rpartition("; see ")[2])
+        assert kept.is_file() and kept.is_relative_to(runs_dir / ".failed"), line
+    main0 = alone[0].args[alone[0].args.index("--main") + 1]
+    main1 = alone[1].args[alone[1].args.index("--main") + 1]
+    assert said[0][1].strip().startswith(
+        f"lab train: error: only 1 of 2 machines joined the rendezvous at {main0} within 10 s "
+        "(cluster.join_timeout_s): start the same `make train` with NODE_RANK=1 on the others (same NODES and MAIN)")
+    assert said[1][1].strip().startswith(
+        f"lab train: error: node 0 did not answer at {main1} within 10 s (cluster.join_timeout_s): start node 0 "
+        "(NODE_RANK=0, on the machine MAIN names) or fix MAIN")
+    # nothing left that looks like a run
+    assert [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")] in ([], ["index.html"])

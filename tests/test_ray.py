@@ -105,3 +105,16 @@ def test_no_cluster_there_is_one_line(runs_dir):
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("lab train: error: "), r.stderr
     assert f"no Ray cluster answers at ray://127.0.0.1:{port}" in r.stderr
     assert not [p for p in runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")]
+
+
+def test_workers_the_cluster_cannot_place_are_one_line_after_the_join_timeout(ray_cluster, runs_dir):
+    """Three workers of one CPU on a cluster of two: Ray would wait (and retry) forever for the node
+    that never joins; the run waits cluster.join_timeout_s, then says what the cluster has."""
+    r = run_lab("train", "--hw", "cpu", "--set", f"{TINY} cluster.join_timeout_s=10", "--cluster", ray_cluster,
+                "--nodes", "3", timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"lab train: error: the Ray cluster {ray_cluster} did not place 3 workers (1 CPU each) "
+                           "within 10 s (cluster.join_timeout_s); it has 2 node(s), 2 CPU, 0 GPU: start more nodes, "
+                           "or ask for fewer workers (GPUS x NODES)"), line
+    assert not [p for p in runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")]

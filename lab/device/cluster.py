@@ -11,6 +11,10 @@ from .venv/ray and the driver runs here (RUNTIME=local), or every node runs the 
 (docker/ray.Dockerfile: the training image plus Ray) and the driver runs in a container of it
 (RUNTIME=docker), where the checkout is /opt/lab/app and runs/ and the caches are compose's mounts.
 
+Workers the cluster cannot place (a node that never joins) are waited for up to the recipe's
+cluster.join_timeout_s (Ray's worker-group start timeout; an autoscaler may add nodes meanwhile),
+then the run fails in one line naming what the cluster has.
+
 A lost worker (a node gone, a process killed) fails the worker group; Ray's FailureConfig
 starts it again, up to the recipe's cluster.max_failures times (default 2), and every worker resumes from
 the run's last complete checkpoint, as RESUME=1 would.
@@ -29,6 +33,7 @@ from lab.errors import LabError
 RAY_PYTHON = ROOT / ".venv" / "ray" / "bin" / "python"
 NO_CLUSTER = 3  # the driver's exit code for "nobody answers at that address"
 NO_LAB = 4      # ... for "the cluster's workers cannot import the lab"
+NOT_PLACED = 5  # ... for "the cluster did not place every worker in time" (its last line says what it has)
 
 
 def ray_python() -> Path | None:
@@ -56,14 +61,21 @@ def launch(train_argv: list[str], workers: int, use_gpu: bool, cluster: str, run
                        "RUNTIME=docker runs the driver in the lab-ray image")
     cmd = [str(python), "-m", "lab.raytrain", "--address", cluster, "--workers", str(workers),
            "--run", str(run), *(["--use-gpu"] if use_gpu else []), "--cpus-per-worker", str(spec.cpus_per_worker),
-           "--max-failures", str(spec.max_failures), "--storage", spec.storage_path or str(run.parent / ".ray"),
-           "--", *train_argv]
+           "--max-failures", str(spec.max_failures), "--join-timeout", str(spec.join_timeout_s),
+           "--storage", spec.storage_path or str(run.parent / ".ray"), "--", *train_argv]
     print(f"train: {workers} Ray Train workers on {cluster}; log: {log}", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
     code = stream(cmd, log, env, cwd=ROOT)
     if code == NO_CLUSTER:
         raise LabError(f"no Ray cluster answers at {cluster}; start one (.venv/ray/bin/ray start --head) or fix "
                        "CLUSTER=")
+    if code == NOT_PLACED:
+        said = log.read_text(errors="replace").rpartition("lab.raytrain: cluster has ")[2]
+        has = said.splitlines()[0] if said else "fewer resources"
+        raise LabError(f"the Ray cluster {cluster} did not place {workers} workers ({spec.cpus_per_worker:g} CPU"
+                       f"{' and a GPU' if use_gpu else ''} each) within {spec.join_timeout_s} s "
+                       f"(cluster.join_timeout_s); it has {has}: start more nodes, or ask for fewer workers "
+                       "(GPUS x NODES)")
     if code == NO_LAB:
         raise LabError(f"the workers on {cluster} cannot import the lab from {ROOT}: start the cluster's nodes from "
                        "this checkout's .venv/ray (RUNTIME=local) or from the lab-ray image (RUNTIME=docker), as "

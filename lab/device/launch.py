@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,13 +85,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(train_argv: list[str], processes: int, dist: str, log: Path, topo: Topology = Topology()) -> None:
+def launch(train_argv: list[str], processes: int, dist: str, log: Path, topo: Topology = Topology(),
+           join_timeout_s: int = 600) -> None:
     """accelerate launch -m lab train ... in `processes` processes on this node (of topo.nodes);
-    their output goes to `log` and here."""
+    their output goes to `log` and here. Machines that do not come together within
+    join_timeout_s (torch's static rendezvous: node 0 waits for the others, they for it) fail it."""
     config = config_file(dist)
     if topo.nodes > 1:  # accelerate counts processes over all machines
         where = ["--num_machines", str(topo.nodes), "--machine_rank", str(topo.node_rank),
-                 "--main_process_ip", topo.main[0], "--main_process_port", str(topo.main[1])]
+                 "--main_process_ip", topo.main[0], "--main_process_port", str(topo.main[1]),
+                 "--rdzv_conf", f"timeout={join_timeout_s}"]
     else:
         where = ["--main_process_port", str(_free_port())]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
@@ -102,7 +106,24 @@ def launch(train_argv: list[str], processes: int, dist: str, log: Path, topo: To
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_ARG_")}
     code = stream(cmd, log, {**env, "LAB_DIST": config.name, "LAB_TOPOLOGY": json.dumps(topo.record())})
     if code != 0:
-        raise LabError(f"distributed training exited with {code}; see {log}")
+        raise LabError(_rendezvous_failure(log, topo, join_timeout_s) or f"distributed training exited with {code}; "
+                       f"see {log}")
+
+
+def _rendezvous_failure(log: Path, topo: Topology, timeout: int) -> str | None:
+    """What torch's static rendezvous said when the machines did not come together, in one line."""
+    if topo.nodes < 2:
+        return None
+    tail = log.read_text(errors="replace")[-20000:]
+    if m := re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", tail):
+        others = "NODE_RANK=1" if topo.nodes == 2 else f"NODE_RANK=1..{topo.nodes - 1}"
+        return (f"only {m.group(1)} of {m.group(2)} machines joined the rendezvous at {topo.address} within "
+                f"{timeout} s (cluster.join_timeout_s): start the same `make train` with {others} on the others "
+                f"(same NODES and MAIN); see {log}")
+    if "client socket has timed out" in tail:
+        return (f"node 0 did not answer at {topo.address} within {timeout} s (cluster.join_timeout_s): start node 0 "
+                f"(NODE_RANK=0, on the machine MAIN names) or fix MAIN; see {log}")
+    return None
 
 
 def stream(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> int:
