@@ -222,6 +222,8 @@ class Docker:
         if role == "ray":  # built over the training image
             self.service("train")
         svc = self.service(role)
+        if role == "ray":
+            svc = driver_service(svc)
         if run is not None:
             alive = self.c.lab_containers(**{RUN_LABEL: str(run.resolve())})
             if alive:  # its lab command was killed (kill -9), the container was not
@@ -357,6 +359,13 @@ class Docker:
 
     def host_path(self, path: str) -> Path:
         return self.c.to_host(self.spec("serve"), path)
+
+
+def driver_service(svc: dict) -> dict:
+    """The Ray driver's container: the ray service without its GPUs. The driver only asks the
+    cluster for workers, from any machine that reaches the head, which may have no GPU runtime
+    (NVIDIA's) or /dev/kfd (AMD's) for the engine to give it."""
+    return {k: v for k, v in svc.items() if k not in ("deploy", "devices", "group_add")}
 
 
 def hf_home() -> Path:

@@ -298,3 +298,18 @@ def test_the_hosts_hf_hub_cache_is_mounted_where_the_images_look(monkeypatch, tm
         svc = containers.service(name, {"LAB_HF_HUB_CACHE": str(tmp_path / "hub")})
         volumes = containers.run_kwargs(svc)["volumes"]
         assert volumes[str(tmp_path / "hub")] == {"bind": "/cache/huggingface/hub", "mode": mode}
+
+
+def test_the_ray_driver_container_asks_for_no_gpu():
+    """make train CLUSTER= RUNTIME=docker may run on a machine without a GPU runtime: its container
+    (the lab-ray image) gets no GPU reservation or device, the nodes' containers do."""
+    from lab.runtime import driver_service
+
+    for hw in HW:
+        node = containers.run_kwargs(containers.service(f"ray-{hw}"))
+        driver = containers.run_kwargs(driver_service(containers.service(f"ray-{hw}")))
+        for key in ("device_requests", "devices", "group_add"):
+            assert key not in driver, (hw, key)
+        assert driver["image"] == node["image"] and driver["volumes"] == node["volumes"]
+    assert "device_requests" in containers.run_kwargs(containers.service("ray-cuda"))
+    assert "devices" in containers.run_kwargs(containers.service("ray-rocm"))
