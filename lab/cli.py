@@ -742,9 +742,8 @@ def cmd_node(args) -> int:
     """A Ray cluster node in the lab-ray image of this host's hardware (host networking, the lab's
     mounts): the head, or a worker joining HEAD; STOP=1 removes this checkout's nodes."""
     import socket
-    import time
 
-    from lab import containers, runs
+    from lab import containers
     from lab.device.hardware import resolve_backend
     from lab.runtime import Docker
 
@@ -766,27 +765,13 @@ def cmd_node(args) -> int:
                            "(`make ray-node` on that machine)") from None
     rt = Docker(backend, [])
     if args.stop:
-        gone = [containers.remove(c, timeout=30) for c in containers.lab_containers(**{containers.NODE_LABEL: "ray"})]
-        print(f"node: {len(gone)} Ray node container(s) removed")
+        nodes = containers.lab_containers(**{containers.NODE_LABEL: "ray"})
+        for node in nodes:
+            containers.remove(node, timeout=30)
+        print(f"node: {len(nodes)} Ray node container(s) removed")
         return 0
-    role = f"worker of {args.head}" if args.head else f"head on port {port}"
-    start = ["start", "--block", "--disable-usage-stats",
-             *(["--address", args.head] if args.head else ["--head", "--port", str(port)]), *extra]
-    rt.service("train")  # the lab-ray image is built over it
-    svc = rt.service("ray")
-    rt._writable(runs.RUNS_DIR, rt.cache_dir, rt.cache_dir / "lab")  # the workers write runs and caches
-    log = runs.RUNS_DIR / ".nodes" / (f"worker-{args.head.replace(':', '-')}.log" if args.head else f"head-{port}.log")
-    container = containers.start({**svc, "entrypoint": ["ray"], "command": start}, log, network="host",
-                                 labels={containers.NODE_LABEL: "ray"})
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log.read_text(errors="replace"):
-        st = containers.state(container.id)
-        if not st.get("Running") or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            containers.remove(container, timeout=5)
-            raise LabError(f"the Ray {role} did not start ({tail[0][:200]}); log: {log}")
-        time.sleep(0.5)
-    print(f"node: Ray {role} in {svc['image']} (container {container.short_id}); log: {log}")
+    container, image, log, role = rt.ray_node(args.head, port, extra)
+    print(f"node: Ray {role} in {image} (container {container.short_id}); log: {log}")
     if not args.head:
         print(f"node: other nodes join with `make ray-node HEAD=<this host>:{port}`; train with `make train "
               "RUNTIME=docker CLUSTER=ray://<this host>:10001`")

@@ -101,10 +101,11 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         # _worker's first import: nodes started from another environment (or image) than the
         # driver's have no lab at ROOT (each failed start of the group says so; Ray retries first)
-        if "No module named 'lab'" in f"{e} {e.__cause__}":
+        said = f"{e} {e.__cause__}"
+        if "No module named 'lab'" in said:
             print(f"lab.raytrain: the workers cannot import the lab from {ROOT}", file=sys.stderr)
             return NO_LAB
-        if "worker group startup timed out" in f"{e} {e.__cause__}":
+        if "worker group startup timed out" in said:
             alive = [n for n in ray.nodes() if n.get("Alive")]
             total = ray.cluster_resources()
             print(f"lab.raytrain: cluster has {len(alive)} node(s), {total.get('CPU', 0):g} CPU, "

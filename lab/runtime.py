@@ -172,6 +172,9 @@ class Docker:
         return svc
 
     def service(self, role: str, **extra: str) -> dict:
+        """The service, its image built if missing (lab-ray's after the training image it extends)."""
+        if role == "ray":
+            self.service("train")
         svc = self.spec(role, **extra)
         self.c.ensure_image(svc, runs.RUNS_DIR / ".images" / f"{svc['name']}.log")
         return svc
@@ -211,18 +214,43 @@ class Docker:
             if os.getuid() == 0:
                 os.chown(d, *container_user())
 
-    def lab(self, *argv: str, log: Path, run: Path | None = None, role: str = "train", own_log: bool = False) -> None:
-        """`python -m lab ARGV` in the training container (role ray: the lab-ray image's), labelled
-        with the run it works on; its output goes to `log`, unless the command writes it (own_log:
-        a launcher's, whose output is that log)."""
+    def _writable_mounts(self) -> None:
+        """runs/ and the caches, which the containers write into."""
         self._writable(runs.RUNS_DIR, self.cache_dir, self.cache_dir / "lab")
         for cache in (self.hf_home, hf_hub_cache()):  # a new HF cache for downloads; an existing one keeps its owner
             if not cache.exists():
                 self._writable(cache)
-        if role == "ray":  # built over the training image
-            self.service("train")
+
+    def ray_node(self, head: str | None, port: int, ray_args: list[str], timeout_s: float = 180):
+        """A Ray node in a lab-ray container (host network: Ray's nodes talk on many ports): the
+        head on `port`, or a worker joining `head`. Returns (container, image, log, what it is) once
+        Ray runs there."""
+        import time
+
+        role = f"worker of {head}" if head else f"head on port {port}"
+        start = ["start", "--block", "--disable-usage-stats",
+                 *(["--address", head] if head else ["--head", "--port", str(port)]), *ray_args]
+        svc = self.service("ray")
+        self._writable_mounts()  # the workers write runs and caches
+        log = runs.RUNS_DIR / ".nodes" / (f"worker-{head.replace(':', '-')}.log" if head else f"head-{port}.log")
+        container = self.c.start({**svc, "entrypoint": ["ray"], "command": start}, log, network="host",
+                                 labels={self.c.NODE_LABEL: "ray"})
+        deadline = time.monotonic() + timeout_s
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if not self.c.state(container.id).get("Running") or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                self.c.remove(container, timeout=5)
+                raise LabError(f"the Ray {role} did not start ({tail[0][:200]}); log: {log}")
+            time.sleep(0.5)
+        return container, svc["image"], log, role
+
+    def lab(self, *argv: str, log: Path, run: Path | None = None, role: str = "train", own_log: bool = False) -> None:
+        """`python -m lab ARGV` in the training container (role ray: the lab-ray image's), labelled
+        with the run it works on; its output goes to `log`, unless the command writes it (own_log:
+        a launcher's, whose output is that log)."""
+        self._writable_mounts()
         svc = self.service(role)
-        if role == "ray":
+        if role == "ray":  # the Ray driver: it asks the cluster for workers and needs no GPU itself
             svc = driver_service(svc)
         if run is not None:
             alive = self.c.lab_containers(**{RUN_LABEL: str(run.resolve())})
